@@ -1,0 +1,131 @@
+"""`amlfs`: the user's command line.
+
+  amlfs run [FILE.yaml]       run a whole search on this machine (default: the bundled digits-quick example)
+  amlfs validate FILE.yaml    check a LossSearch manifest
+  amlfs example [NAME]        print a bundled example manifest
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from amlfs import storage
+from amlfs.spec import SpecError, load_manifest
+
+EXIT_CONFIG = 2
+DEFAULT_EXAMPLE = "digits-quick"
+
+
+def example_path(name: str) -> Path:
+    p = resources.files("amlfs") / "examples" / f"{name}.yaml"
+    with resources.as_file(p) as path:
+        if not path.exists():
+            available = sorted(f.name.removesuffix(".yaml") for f in (resources.files("amlfs") / "examples").iterdir())
+            raise SpecError(f"example {name!r}: not bundled; use one of {available}")
+        return Path(path)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="amlfs", description="AM-LFS loss-function search.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a search on this machine")
+    r.add_argument("file", nargs="?", help=f"LossSearch manifest (default: bundled {DEFAULT_EXAMPLE})")
+    r.add_argument("--workdir", default="./runs", help="where status, checkpoints and reports go (default ./runs)")
+    r.add_argument("--parallel", type=int, default=0, help="samples trained at once (default: GPUs, or 2 on CPU)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="trainer device")
+    r.add_argument("--threads", type=int, default=0, help="torch threads per trainer (default: cores/parallel)")
+    r.add_argument("--no-report", action="store_true", help="skip the PNG report")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    v = sub.add_parser("validate", help="validate a manifest")
+    v.add_argument("file")
+    e = sub.add_parser("example", help="print a bundled example manifest")
+    e.add_argument("name", nargs="?", default=DEFAULT_EXAMPLE)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        if args.command == "validate":
+            m = load_manifest(args.file)
+            print(f"{args.file}: valid LossSearch {m.metadata.name!r}")
+            return 0
+        if args.command == "example":
+            sys.stdout.write(example_path(args.name).read_text())
+            return 0
+        return _run(args, console)
+    except SpecError as exc:
+        print(f"amlfs: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: the search is resumable — run the same command again[/]")
+        return 130
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    from amlfs.runner import LocalRunner, _gpu_count
+
+    path = Path(args.file) if args.file else example_path(DEFAULT_EXAMPLE)
+    manifest = load_manifest(path)
+    if args.parallel < 0:
+        raise SpecError(f"--parallel: must be >= 1, got {args.parallel}")
+    parallel = args.parallel or (_gpu_count() if args.device != "cpu" else 0) or 2
+    workdir = Path(args.workdir)
+    spec = manifest.spec
+    epochs, per_epoch = spec.search.epochs, spec.search.samples_per_epoch
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, disable=args.quiet)
+    ep_task = progress.add_task("epochs", total=epochs)
+    s_task = progress.add_task("samples", total=per_epoch)
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "status":
+            st = data["status"]
+            done = sum(1 for x in st.samples if x.state in ("Succeeded", "NoReward", "Failed", "ConfigError"))
+            progress.update(ep_task, completed=st.epoch, total=max(epochs, st.epoch))
+            progress.update(s_task, completed=done, total=max(1, len(st.samples)) if st.samples else per_epoch,
+                            description=f"epoch {st.epoch} samples")
+        elif kind == "epoch":
+            progress.console.print(f"epoch {data['epoch']}: best {data['bestReward']:.4f} (sample {data['best']}), "
+                                   f"mean {data['meanReward']:.4f}, |Δμ| {data['muStep']:.3f}")
+        elif kind == "sample-failed":
+            progress.console.print(f"[yellow]epoch {data['epoch']} sample {data['sample']} exited {data['rc']}: "
+                                   f"{data['message']}[/]")
+
+    runner = LocalRunner(manifest, workdir, parallel=parallel, device=args.device, threads=args.threads,
+                         on_event=on_event)
+    console.print(f"amlfs: search {manifest.metadata.name!r} from {path} in {runner.dir} ({parallel} at a time)")
+    with progress:
+        status = runner.run()
+    history = _history(runner.root)
+    from amlfs.report import print_summary, write_png
+
+    print_summary(Console(), status, history, spec)
+    if not args.no_report and history:
+        png = write_png(runner.dir / "report.png", status, history, spec)
+        console.print(f"report: {png}")
+    console.print(f"status: {runner.status_path}")
+    if status.phase == "Failed":
+        print(f"amlfs: search failed: {status.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _history(root: str) -> list[dict]:
+    try:
+        text = storage.read_bytes(f"{root.rstrip('/')}/history.jsonl").decode()
+    except storage.NotFound:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

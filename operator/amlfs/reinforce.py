@@ -1,0 +1,74 @@
+"""Sampling and the REINFORCE update of the loss distribution N(mu, sigma^2 I). Pure Python, deterministic."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from amlfs.status import AdamState
+
+
+def noise(seed: int, epoch: int, sample: int, dim: int) -> list[float]:
+    """Standard normal noise for (seed, epoch, sample): a pure function, so restarts re-derive it exactly."""
+    rng = random.Random(f"amlfs:{seed}:{epoch}:{sample}")
+    return [rng.gauss(0.0, 1.0) for _ in range(dim)]
+
+
+def sample_thetas(mu: list[float], sigma: float, seed: int, epoch: int, count: int,
+                  elitism: bool) -> list[list[float]]:
+    out = []
+    for i in range(count):
+        if elitism and i == 0:
+            out.append(list(mu))
+        else:
+            eps = noise(seed, epoch, i, len(mu))
+            out.append([m + sigma * e for m, e in zip(mu, eps, strict=True)])
+    return out
+
+
+def normalized(rewards: list[float]) -> list[float] | None:
+    """z-scores of the rewards; None when they carry no signal (fewer than 2, or all equal)."""
+    n = len(rewards)
+    if n < 2:
+        return None
+    mean = sum(rewards) / n
+    var = sum((r - mean) ** 2 for r in rewards) / n
+    if var <= 1e-24:
+        return None
+    sd = math.sqrt(var)
+    return [(r - mean) / sd for r in rewards]
+
+
+def reinforce_gradient(mu: list[float], thetas: list[list[float]], rewards: list[float],
+                       sigma: float) -> list[float] | None:
+    """Score-function estimate of d E[R] / d mu = E[z (theta - mu) / sigma^2] over the rewarded samples."""
+    z = normalized(rewards)
+    if z is None:
+        return None
+    n = len(thetas)
+    grad = [0.0] * len(mu)
+    for zi, th in zip(z, thetas, strict=True):
+        for k, (t, m) in enumerate(zip(th, mu, strict=True)):
+            grad[k] += zi * (t - m) / (sigma * sigma) / n
+    return grad
+
+
+def adam_ascent(mu: list[float], grad: list[float], state: AdamState, lr: float, beta1: float = 0.9,
+                beta2: float = 0.999, eps: float = 1e-8) -> tuple[list[float], AdamState]:
+    m = state.m or [0.0] * len(mu)
+    v = state.v or [0.0] * len(mu)
+    step = state.step + 1
+    m = [beta1 * a + (1 - beta1) * g for a, g in zip(m, grad, strict=True)]
+    v = [beta2 * a + (1 - beta2) * g * g for a, g in zip(v, grad, strict=True)]
+    c1, c2 = 1 - beta1 ** step, 1 - beta2 ** step
+    new_mu = [x + lr * (a / c1) / (math.sqrt(b / c2) + eps) for x, a, b in zip(mu, m, v, strict=True)]
+    return new_mu, AdamState(step=step, m=m, v=v)
+
+
+def best_index(rewards: list[float | None]) -> int | None:
+    """Highest reward; ties go to the lowest index."""
+    best = None
+    for i, r in enumerate(rewards):
+        if r is not None and (best is None or r > rewards[best]):
+            best = i
+    return best

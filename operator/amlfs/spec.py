@@ -1,0 +1,278 @@
+"""The `LossSearch` manifest as pydantic models: the single source of truth for the spec.
+
+The local runner reads these from YAML, the trainer receives the spec as JSON, and the CRD schema is
+generated from them. Field names are camelCase on the wire (Kubernetes convention) and snake_case in
+Python. Every constraint here is also what the API server enforces once the CRD is generated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "amlfs.io/v1alpha1"
+KIND = "LossSearch"
+
+DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
+MODELS = ("mlp", "small-cnn", "cnn1d", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50")
+SPACES = ("amlfs", "search-softmax")
+PRESETS = ("softmax", "cosface", "arcface", "focal")
+
+Dataset = Literal["digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"]
+ModelName = Literal["mlp", "small-cnn", "cnn1d", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50"]
+SpaceName = Literal["amlfs", "search-softmax"]
+PresetName = Literal["softmax", "cosface", "arcface", "focal"]
+
+STORAGE_URI = re.compile(r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+|/.+)$")
+NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class SpecError(ValueError):
+    """Bad user input. `str()` is one line naming the field and the fix."""
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class TaskSpec(Model):
+    """What to train on."""
+
+    dataset: Dataset = Field("digits", description="Dataset name: digits, mnist1d, cifar10, cifar100, mnist, "
+                             "fashion-mnist or imagefolder.")
+    data_root: str = Field("", description="Local directory or s3:// prefix holding the dataset files "
+                           "(torchvision layout). Unused for digits and mnist1d, which are built offline.")
+    download: bool = Field(False, description="Let torchvision download the dataset into dataRoot when missing.")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training set held out as the "
+                                "validation split (the reward). Carved with a fixed seed; the test set is never "
+                                "used for the reward.")
+    split_seed: int = Field(0, ge=0, description="Seed of the train/validation split.")
+    batch_size: int = Field(128, ge=1, le=65536, description="Training batch size per sample.")
+    eval_batch_size: int = Field(1024, ge=1, le=65536, description="Batch size for validation and test passes.")
+    augment: bool = Field(True, description="Standard augmentation (random crop + flip for CIFAR-style images).")
+    train_limit: int = Field(0, ge=0, description="Use at most this many training examples (0: all). "
+                             "For smoke tests.")
+    num_workers: int = Field(2, ge=0, le=64, description="DataLoader workers, for imagefolder only.")
+
+
+class ModelSpec(Model):
+    """The network and its classifier head."""
+
+    name: ModelName = Field("small-cnn", description="mlp, small-cnn, cnn1d (mnist1d), resnet20/32/56 (CIFAR), "
+                            "resnet18/50 (torchvision).")
+    head: Literal["linear", "cosine"] = Field("linear", description="linear: plain logits, t acts on the target "
+                                              "logit. cosine: normalised features and weights, t acts on the "
+                                              "target cosine and logits are scale * cosine.")
+    scale: float = Field(16.0, gt=0.0, le=128.0, description="Cosine-head scale s.")
+    width: int = Field(32, ge=4, le=1024, description="Base width of mlp/small-cnn/cnn1d.")
+
+
+class OptimizerSpec(Model):
+    """The network's optimiser and learning-rate schedule (across search epochs)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="Per-iteration schedule over "
+                                                            "all search epochs.")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length, in epochs.")
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="step schedule: fractions "
+                                    "of the run at which the LR is multiplied by gamma.")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Only used by the softmax preset.")
+
+
+class InitSpec(Model):
+    """Where the loss distribution's mean starts: a named preset approximated in the search space."""
+
+    preset: PresetName = Field("softmax", description="softmax (identity: plain cross-entropy), cosface, arcface "
+                               "or focal.")
+    margin: float = Field(0.35, ge=0.0, le=1.5, description="cosface/arcface margin m.")
+    gamma: float = Field(2.0, ge=0.0, le=10.0, description="focal gamma.")
+
+
+class SearchSpec(Model):
+    """The loss-function search itself."""
+
+    mode: Literal["search", "selection-only"] = Field("search", description="search: sample losses around mu and "
+                                                      "update mu by REINFORCE. selection-only: every sample trains "
+                                                      "with the init loss and only best-of-B selection happens "
+                                                      "(the baseline every quality claim is measured against).")
+    space: SpaceName = Field("amlfs", description="amlfs (piecewise-linear t and tau) or search-softmax.")
+    parameterization: Literal["monotone", "paper"] = Field("monotone", description="amlfs space only. monotone: "
+                                                           "continuous increasing t and tau given by log-slopes "
+                                                           "and an offset (stable default). paper: independent "
+                                                           "slope and intercept per piece, as in the AM-LFS paper.")
+    intervals: int = Field(6, ge=1, le=64, description="M, the number of equal pieces of t and tau "
+                           "(search-softmax: probability bins; 1 = one global a).")
+    epochs: int = Field(10, ge=1, le=100000, description="Search epochs; each trains every sample one epoch.")
+    samples_per_epoch: int = Field(4, ge=2, le=256, description="B, samples of the loss per epoch.")
+    sigma: float = Field(0.2, gt=0.0, le=10.0, description="Fixed std of the sampling distribution.")
+    lr: float = Field(0.05, gt=0.0, le=10.0, description="Adam learning rate on mu.")
+    seed: int = Field(0, ge=0, description="Seed of the whole search: samples, initial weights, data order.")
+    elitism: bool = Field(True, description="Sample 0 of every epoch is mu itself.")
+    min_samples: int = Field(1, ge=1, description="An epoch closes only with at least this many rewards.")
+    max_retries: int = Field(2, ge=0, le=20, description="Re-runs of a sample that failed transiently.")
+    logit_range: float = Field(10.0, gt=0.0, le=1000.0, description="Linear heads: t is piecewise-linear on "
+                               "[-logitRange, logitRange] and extends its end pieces beyond.")
+    init: InitSpec = Field(default_factory=InitSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchSpec:
+        if self.min_samples > self.samples_per_epoch:
+            raise ValueError(f"minSamples ({self.min_samples}) must not exceed samplesPerEpoch "
+                             f"({self.samples_per_epoch})")
+        return self
+
+
+class StorageSpec(Model):
+    """Where checkpoints, results and the history go."""
+
+    uri: str = Field("", description="s3://bucket/prefix or file:///path. Empty: the local runner's --workdir.")
+    endpoint: str = Field("", description="S3 endpoint URL for S3-compatible servers (empty: AWS).")
+    region: str = Field("", description="S3 region (empty: from the environment).")
+    secret_name: str = Field("", description="Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                             "for trainer pods.")
+    delete_on_delete: bool = Field(False, description="Delete the search's objects when the resource is deleted.")
+
+    @model_validator(mode="after")
+    def _check(self) -> StorageSpec:
+        if self.uri and not STORAGE_URI.match(self.uri):
+            raise ValueError(f"uri {self.uri!r} is not s3://bucket/prefix, file:///path or an absolute path")
+        return self
+
+
+class ResourcesSpec(Model):
+    gpu: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per trainer pod.")
+    cpu: str = Field("4", description="CPU request and limit.")
+    memory: str = Field("16Gi", description="Memory request and limit.")
+
+
+class TrainerSpec(Model):
+    """How each sample's trainer runs."""
+
+    image: str = Field("amlfs-trainer:latest", description="Trainer image (entrypoint amlfs-trainer).")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    active_deadline_seconds: int = Field(3600, ge=1, description="Kill a sample that runs longer than this.")
+    metrics_port: int = Field(9400, ge=0, le=65535, description="Port of the trainer's /metrics (0: off).")
+
+
+class LossSearchSpec(Model):
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    suspend: bool = Field(False, description="Pause between epochs; running samples finish.")
+
+    @model_validator(mode="after")
+    def _check(self) -> LossSearchSpec:
+        init = self.search.init
+        if init.preset == "arcface" and self.model.head != "cosine":
+            raise ValueError("search.init.preset arcface needs model.head: cosine")
+        if self.search.space == "search-softmax" and self.search.mode == "search" and init.preset != "softmax":
+            raise ValueError(f"search.init.preset {init.preset} is not representable in search-softmax; "
+                             "use softmax")
+        return self
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, Field(min_length=1, max_length=40)]
+    namespace: str = "default"
+
+
+class LossSearch(Model):
+    api_version: Literal["amlfs.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["LossSearch"]
+    metadata: Metadata
+    spec: LossSearchSpec = Field(default_factory=LossSearchSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> LossSearch:
+        if not NAME.match(self.metadata.name):
+            raise ValueError(f"metadata.name {self.metadata.name!r} must be lowercase letters, digits and '-'")
+        return self
+
+
+# --- loading with one-line errors -------------------------------------------------------------
+
+_FIXES = {
+    "greater_than": "use a value > {gt}",
+    "greater_than_equal": "use a value >= {ge}",
+    "less_than": "use a value < {lt}",
+    "less_than_equal": "use a value <= {le}",
+    "literal_error": "use one of {expected}",
+    "extra_forbidden": "remove it (unknown field)",
+    "missing": "add it",
+}
+
+
+def _field_path(loc: tuple[Any, ...], prefix: str) -> str:
+    parts = [prefix] if prefix else []
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1] = f"{parts[-1]}[{p}]"
+        else:
+            parts.append(str(p))
+    return ".".join(parts)
+
+
+def explain(err: ValidationError, prefix: str = "") -> str:
+    """One line for the first validation error: `field: problem (got X); fix`."""
+    e = err.errors()[0]
+    where = _field_path(tuple(x for x in e["loc"] if x not in ("function-after",)), prefix)
+    ctx = e.get("ctx") or {}
+    fix = _FIXES.get(e["type"], "").format(**{k: v for k, v in ctx.items()}) if e["type"] in _FIXES else ""
+    msg = str(ctx.get("error", e["msg"])) if e["type"] == "value_error" else e["msg"]
+    got = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
+    return f"{where or 'manifest'}: {msg}{got}" + (f"; {fix}" if fix else "")
+
+
+def parse_manifest(data: Any, source: str = "manifest") -> LossSearch:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a LossSearch mapping, got {type(data).__name__}")
+    try:
+        return LossSearch.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"{source}: {explain(err)}") from None
+
+
+def load_manifest(path: str | Path) -> LossSearch:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise SpecError(f"{p}: cannot read the manifest ({exc.strerror}); check the path") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise SpecError(f"{p}: malformed YAML{where}: {problem}; fix the syntax") from None
+    if len(docs) != 1:
+        raise SpecError(f"{p}: expected exactly one LossSearch document, found {len(docs)}")
+    return parse_manifest(docs[0], str(p))
+
+
+def spec_from_json(text: str, source: str = "spec") -> LossSearchSpec:
+    try:
+        return LossSearchSpec.model_validate(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{source}: not valid JSON ({exc.msg}); pass the LossSearch spec as JSON") from None
+    except ValidationError as err:
+        raise SpecError(f"{source}: {explain(err, 'spec')}") from None
+
+
+def spec_to_json(spec: LossSearchSpec) -> str:
+    return spec.model_dump_json(by_alias=True)

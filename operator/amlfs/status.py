@@ -1,0 +1,82 @@
+"""The `LossSearch` status: everything a controller needs to resume, bounded in size (etcd objects max 1.5 MB).
+
+The local runner writes exactly this shape to `<workdir>/<name>/status.json`; the operator keeps it in the
+resource's status subresource. Full per-epoch history (every theta and reward) goes to storage as JSON lines.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+HISTORY_LIMIT = 20
+
+SampleState = Literal["Pending", "Running", "Succeeded", "NoReward", "Failed", "ConfigError"]
+TERMINAL_SAMPLE_STATES = ("Succeeded", "NoReward", "Failed", "ConfigError")
+Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+
+
+class Model(BaseModel):
+    """Status objects are mutable (the core edits a deep copy); camelCase on the wire like the spec."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Checkpoint(Model):
+    uri: str = Field(description="URI of checkpoint.pt.")
+    sha256: str = Field("", description="sha256 of checkpoint.pt, verified by every reader.")
+
+
+class SampleStatus(Model):
+    index: int
+    theta: list[float]
+    state: SampleState = "Pending"
+    attempt: int = Field(0, description="Current attempt (0-based); failed attempts count against maxRetries.")
+    restarts: int = Field(0, description="Restarts not counted as failures (preemption, lost pod/process).")
+    reward: float | None = None
+    checkpoint: str = Field("", description="URI of this sample's checkpoint.pt once it succeeded.")
+    sha256: str = ""
+    message: str = ""
+
+
+class Best(Model):
+    epoch: int
+    sample: int
+    reward: float
+    checkpoint: str
+    sha256: str = ""
+
+
+class AdamState(Model):
+    step: int = 0
+    m: list[float] = Field(default_factory=list)
+    v: list[float] = Field(default_factory=list)
+
+
+class EpochRecord(Model):
+    epoch: int
+    rewards: list[float | None]
+    best: int
+    best_reward: float
+    mean_reward: float
+    mu_step: float = Field(description="L2 norm of the change of mu made after this epoch.")
+
+
+class LossSearchStatus(Model):
+    phase: Phase = "Pending"
+    epoch: int = Field(0, description="Index of the epoch being run; equals the number of completed epochs.")
+    mu: list[float] = Field(default_factory=list)
+    sigma: float = 0.0
+    adam: AdamState = Field(default_factory=AdamState)
+    start: Checkpoint | None = Field(None, description="Checkpoint every sample of this epoch starts from "
+                                     "(none: initialise from the seed).")
+    samples: list[SampleStatus] = Field(default_factory=list)
+    best: Best | None = None
+    history: list[EpochRecord] = Field(default_factory=list, description=f"Last {HISTORY_LIMIT} epochs.")
+    reason: str = ""
+    message: str = ""
+
+    def to_json_dict(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,264 @@
+"""Object storage behind one small API: `s3://bucket/key` (boto3) and `file://` or plain local paths.
+
+Writes are atomic: local files go to a temporary name and are renamed into place; S3 objects only appear
+once the (multipart) upload completes. Credentials for S3 come from the standard AWS environment variables;
+`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` (or the `endpoint` argument) select an S3-compatible server.
+boto3 is imported lazily so that the search core never needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
+class StorageError(Exception):
+    """A transient or environmental storage failure (worth a retry)."""
+
+
+class NotFound(StorageError):
+    """The object does not exist."""
+
+
+@dataclass(frozen=True)
+class Location:
+    scheme: str  # "s3" or "file"
+    bucket: str
+    key: str  # s3: object key; file: absolute path
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}" if self.scheme == "s3" else f"file://{self.key}"
+
+
+def parse(uri: str) -> Location:
+    if uri.startswith("s3://"):
+        u = urlparse(uri)
+        if not u.netloc:
+            raise ValueError(f"{uri!r}: missing bucket; use s3://bucket/key")
+        return Location("s3", u.netloc, u.path.lstrip("/"))
+    if uri.startswith("file://"):
+        return Location("file", "", str(Path(uri[len("file://"):]).absolute()))
+    if "://" in uri:
+        raise ValueError(f"{uri!r}: unsupported scheme; use s3://bucket/key, file:///path or a path")
+    return Location("file", "", str(Path(uri).absolute()))
+
+
+def join(uri: str, *parts: str) -> str:
+    base = uri.rstrip("/")
+    return "/".join([base, *(p.strip("/") for p in parts if p)])
+
+
+def normalize(uri: str) -> str:
+    """A canonical URI string: plain paths become file:// URIs."""
+    return str(parse(uri))
+
+
+# --- S3 client -----------------------------------------------------------------------------------
+
+_clients: dict[tuple[str, str], Any] = {}
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+
+
+def s3_client(endpoint: str | None = None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    ep = endpoint if endpoint is not None else _endpoint()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    key = (ep, region)
+    if key not in _clients:
+        cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"},
+                     connect_timeout=10, read_timeout=120)
+        _clients[key] = boto3.client("s3", endpoint_url=ep or None, region_name=region, config=cfg)
+    return _clients[key]
+
+
+def _s3_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(*args, **kwargs)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            raise NotFound(str(exc)) from None
+        raise StorageError(f"S3 error {code}: {exc}") from None
+    except BotoCoreError as exc:
+        raise StorageError(f"S3 error: {exc}") from None
+
+
+def _transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+
+
+# --- the API -------------------------------------------------------------------------------------
+
+def exists(uri: str) -> bool:
+    loc = parse(uri)
+    if loc.scheme == "file":
+        return Path(loc.key).exists()
+    try:
+        _s3_call(s3_client().head_object, Bucket=loc.bucket, Key=loc.key)
+        return True
+    except NotFound:
+        return False
+
+
+def read_bytes(uri: str) -> bytes:
+    loc = parse(uri)
+    if loc.scheme == "file":
+        try:
+            return Path(loc.key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{uri}: no such file") from None
+        except OSError as exc:
+            raise StorageError(f"{uri}: {exc.strerror}") from None
+    body = _s3_call(s3_client().get_object, Bucket=loc.bucket, Key=loc.key)["Body"]
+    return body.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    loc = parse(uri)
+    if loc.scheme == "file":
+        _atomic_local(Path(loc.key), lambda f: f.write(data))
+        return
+    _s3_call(s3_client().put_object, Bucket=loc.bucket, Key=loc.key, Body=data)
+
+
+def upload_file(path: Path, uri: str) -> None:
+    loc = parse(uri)
+    if loc.scheme == "file":
+        dest = Path(loc.key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+        return
+    _s3_call(s3_client().upload_file, str(path), loc.bucket, loc.key, Config=_transfer_config())
+
+
+def download_file(uri: str, path: Path) -> None:
+    loc = parse(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if loc.scheme == "file":
+        try:
+            shutil.copyfile(loc.key, path)
+        except FileNotFoundError:
+            raise NotFound(f"{uri}: no such file") from None
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _s3_call(s3_client().download_file, loc.bucket, loc.key, str(tmp), Config=_transfer_config())
+    os.replace(tmp, path)
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy an object. S3 to S3 is a server-side copy: no bytes pass through this process."""
+    s, d = parse(src), parse(dst)
+    if s.scheme == "s3" and d.scheme == "s3":
+        _s3_call(s3_client().copy, {"Bucket": s.bucket, "Key": s.key}, d.bucket, d.key,
+                 Config=_transfer_config())
+    elif s.scheme == "file":
+        upload_file(Path(s.key), dst)
+    else:
+        download_file(src, Path(d.key))
+
+
+def list_prefix(uri: str) -> list[str]:
+    """URIs of every object below a prefix (recursively), sorted."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        root = Path(loc.key)
+        if not root.exists():
+            return []
+        return sorted(f"file://{p}" for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+    prefix = loc.key.rstrip("/") + "/" if loc.key else ""
+    out: list[str] = []
+    paginator = s3_client().get_paginator("list_objects_v2")
+    pages = _s3_call(lambda: list(paginator.paginate(Bucket=loc.bucket, Prefix=prefix)))
+    for page in pages:
+        out.extend(f"s3://{loc.bucket}/{o['Key']}" for o in page.get("Contents", []))
+    return sorted(out)
+
+
+def download_prefix(uri: str, dest: Path) -> Path:
+    """Copy every object under a prefix into dest, keeping relative paths. Existing same-size files are kept."""
+    base = parse(uri).key.rstrip("/")
+    for obj in list_prefix(uri):
+        rel = parse(obj).key[len(base):].lstrip("/")
+        target = dest / rel
+        if target.exists() and parse(obj).scheme == "file" and target.stat().st_size == Path(
+                parse(obj).key).stat().st_size:
+            continue
+        download_file(obj, target)
+    return dest
+
+
+def delete_prefix(uri: str) -> int:
+    objs = list_prefix(uri)
+    for obj in objs:
+        loc = parse(obj)
+        if loc.scheme == "file":
+            Path(loc.key).unlink(missing_ok=True)
+        else:
+            _s3_call(s3_client().delete_object, Bucket=loc.bucket, Key=loc.key)
+    return len(objs)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def append_jsonl(uri: str, record: dict[str, Any], key: str = "epoch") -> bool:
+    """Append a record to a JSON-lines object unless one with the same `key` is there (idempotent).
+
+    S3 objects cannot be appended to, so this rewrites the object; only one writer (the controller) uses it.
+    """
+    try:
+        lines = read_bytes(uri).decode().splitlines()
+    except NotFound:
+        lines = []
+    if any(json.loads(line).get(key) == record.get(key) for line in lines if line.strip()):
+        return False
+    lines.append(json.dumps(record, sort_keys=True))
+    write_bytes(uri, ("\n".join(lines) + "\n").encode())
+    return True
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_local(dest: Path, write: Any) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

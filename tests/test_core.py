@@ -1,0 +1,244 @@
+"""The pure search core: sampling, REINFORCE, the state machine, determinism across restarts."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from amlfs import core, reinforce
+from amlfs.spaces import SpaceConfig, get_space
+from amlfs.spec import LossSearchSpec
+from amlfs.status import AdamState, LossSearchStatus
+
+ROOT = "s3://bucket/searches/demo"
+
+
+def make_spec(**search: object) -> LossSearchSpec:
+    base = {"search": {"epochs": 5, "samplesPerEpoch": 4, "intervals": 3, "seed": 7}}
+    base["search"].update(search)
+    return LossSearchSpec.model_validate(base)
+
+
+def run_search(spec: LossSearchSpec, reward, restart_every: int = 0, fail: dict | None = None):
+    """Drive the core like a shell would; reward(theta, epoch, sample) -> float | None.
+
+    restart_every: round-trip the status through JSON (a controller restart) every N steps.
+    fail: {(epoch, sample, attempt): outcome} to inject failures.
+    Returns (final status, all actions, thetas started in order).
+    """
+    fail = fail or {}
+    status, obs, actions_all, started = None, [], [], []
+    for i in range(500):
+        status, actions = core.step(spec, status, obs, ROOT)
+        actions_all.extend(actions)
+        if restart_every and i % restart_every == 0:
+            status = LossSearchStatus.model_validate_json(json.dumps(status.to_json_dict()))
+        obs = []
+        for a in actions:
+            if isinstance(a, core.StartSample):
+                started.append((a.epoch, a.sample, a.attempt, tuple(a.theta)))
+                outcome = fail.get((a.epoch, a.sample, a.attempt))
+                if outcome:
+                    obs.append(core.Observation(a.epoch, a.sample, outcome, a.attempt, message="injected"))
+                else:
+                    r = reward(a.theta, a.epoch, a.sample)
+                    kind = "succeeded" if r is not None else "no-reward"
+                    obs.append(core.Observation(a.epoch, a.sample, kind, a.attempt, reward=r, sha256=f"sha{a.epoch}"))
+        if status.phase in ("Succeeded", "Failed"):
+            return status, actions_all, started
+    raise AssertionError("search did not finish")
+
+
+def quadratic(target: list[float]):
+    return lambda th, e, s: -sum((t - g) ** 2 for t, g in zip(th, target, strict=True))
+
+
+def test_theta_is_a_pure_function_of_seed_epoch_sample():
+    a = reinforce.noise(1, 2, 3, 10)
+    assert a == reinforce.noise(1, 2, 3, 10)
+    assert a != reinforce.noise(1, 2, 4, 10)
+    assert a != reinforce.noise(2, 2, 3, 10)
+    thetas = reinforce.sample_thetas([0.5] * 4, 0.2, 0, 0, 3, elitism=True)
+    assert thetas[0] == [0.5] * 4
+    assert thetas[1] != thetas[2]
+
+
+def test_same_seed_same_sequence_whatever_restarts():
+    spec = make_spec()
+    target = [0.3] * get_space("amlfs").dim(SpaceConfig(3))
+    s1, _, t1 = run_search(spec, quadratic(target))
+    s2, _, t2 = run_search(spec, quadratic(target), restart_every=1)
+    s3, _, t3 = run_search(spec, quadratic(target), restart_every=3)
+    assert t1 == t2 == t3
+    assert s1.mu == s2.mu == s3.mu
+    assert s1.phase == "Succeeded" and s1.epoch == 5
+    s4, _, t4 = run_search(make_spec(seed=8), quadratic(target))
+    assert t4 != t1
+
+
+def test_reinforce_moves_mu_towards_better_rewards():
+    spec = make_spec(epochs=60, samplesPerEpoch=8, lr=0.05, elitism=False)
+    dim = get_space("amlfs").dim(SpaceConfig(3))
+    target = [0.5 if i % 2 == 0 else -0.5 for i in range(dim)]
+    status, _, _ = run_search(spec, quadratic(target))
+    before = math.dist([0.0] * dim, target)
+    after = math.dist(status.mu, target)
+    assert after < 0.6 * before, (before, after)
+    # every coordinate moved the right way
+    assert sum(1 for m, g in zip(status.mu, target, strict=True) if m * g > 0) >= dim - 1
+
+
+def test_normalisation_and_no_update_without_signal():
+    assert reinforce.normalized([1.0, 1.0, 1.0]) is None
+    assert reinforce.normalized([1.0]) is None
+    z = reinforce.normalized([1.0, 2.0, 3.0])
+    assert z is not None and abs(sum(z)) < 1e-12 and abs(sum(v * v for v in z) / 3 - 1) < 1e-12
+    spec = make_spec(epochs=2)
+    status, _, _ = run_search(spec, lambda th, e, s: 0.5)
+    assert status.mu == [0.0] * len(status.mu)
+    assert status.adam.step == 0
+    assert all(r.mu_step == 0 for r in status.history)
+
+
+def test_missing_rewards_are_excluded_from_the_update():
+    mu = [0.0, 0.0]
+    thetas = [[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]
+    g_all = reinforce.reinforce_gradient(mu, thetas[:2], [1.0, 0.0], 1.0)
+    assert g_all is not None and g_all[0] > 0 and g_all[1] == 0
+    spec = make_spec(epochs=1)
+    # sample 3 diverges: its theta must not enter the update
+    rewards = {0: 0.5, 1: 0.7, 2: 0.6, 3: None}
+    status, actions, _ = run_search(spec, lambda th, e, s: rewards[s])
+    hist = next(a for a in actions if isinstance(a, core.AppendHistory)).record
+    assert hist["rewards"] == [0.5, 0.7, 0.6, None]
+    expected = reinforce.reinforce_gradient(hist["muBefore"], hist["thetas"][:3], [0.5, 0.7, 0.6], spec.search.sigma)
+    mu, _ = reinforce.adam_ascent(hist["muBefore"], expected, AdamState(), spec.search.lr)
+    assert status.mu == pytest.approx(mu)
+
+
+def test_best_sample_ties_go_to_lowest_index_and_is_promoted():
+    assert reinforce.best_index([0.5, 0.9, 0.9, None]) == 1
+    assert reinforce.best_index([None, None]) is None
+    spec = make_spec(epochs=2)
+    status, actions, _ = run_search(spec, lambda th, e, s: 0.9 if s in (1, 2) else 0.1)
+    promotes = [a for a in actions if isinstance(a, core.Promote)]
+    assert [(p.epoch, p.sample) for p in promotes[:2]] == [(0, 1), (1, 1)]
+    assert promotes[0].targets == [f"{ROOT}/epoch-0000/best", f"{ROOT}/best"]
+    assert promotes[1].targets == [f"{ROOT}/epoch-0001/best"]  # not better than the best so far
+    assert promotes[-1].targets == [f"{ROOT}/final"]
+    assert status.best.epoch == 0 and status.best.sample == 1
+    mu_json = next(a for a in actions if isinstance(a, core.WriteJson))
+    assert mu_json.uri == f"{ROOT}/final/mu.json" and mu_json.data["mu"] == status.mu
+
+
+def test_next_epoch_starts_from_best_checkpoint():
+    spec = make_spec(epochs=2)
+    _, actions, _ = run_search(spec, lambda th, e, s: float(s))
+    starts = [a for a in actions if isinstance(a, core.StartSample)]
+    assert all(a.start is None for a in starts if a.epoch == 0)
+    assert {a.start.uri for a in starts if a.epoch == 1} == {f"{ROOT}/epoch-0000/sample-03/checkpoint.pt"}
+    assert {a.output for a in starts if a.epoch == 1} == {f"{ROOT}/epoch-0001/sample-{i:02d}" for i in range(4)}
+
+
+def test_transient_failures_retry_then_exhaust_config_errors_do_not():
+    spec = make_spec(epochs=1, maxRetries=1)
+    fail = {(0, 1, 0): "failed", (0, 2, 0): "failed", (0, 2, 1): "failed", (0, 3, 0): "config-error"}
+    status, actions, started = run_search(spec, lambda th, e, s: 0.5 + s / 10, fail=fail)
+    attempts = [(e, s, a) for e, s, a, _ in started]
+    assert (0, 1, 1) in attempts and (0, 2, 1) in attempts
+    assert (0, 2, 2) not in attempts and (0, 3, 1) not in attempts
+    hist = next(a for a in actions if isinstance(a, core.AppendHistory)).record
+    assert hist["states"] == ["Succeeded", "Succeeded", "Failed", "ConfigError"]
+    assert status.phase == "Succeeded"
+    assert status.reason == "Completed"
+
+
+def test_preemption_is_restarted_without_counting():
+    spec = make_spec(epochs=1, maxRetries=0)
+    st, acts = core.step(spec, None, [], ROOT)
+    st, acts = core.step(spec, st, [core.Observation(0, 0, "running")], ROOT)
+    st, acts = core.step(spec, st, [core.Observation(0, 0, "preempted")], ROOT)
+    assert st.samples[0].state == "Pending" and st.samples[0].attempt == 0 and st.samples[0].restarts == 1
+    assert any(isinstance(a, core.StartSample) and a.sample == 0 and a.attempt == 0 for a in acts)
+    # a sample recorded as running but no longer present is restarted too
+    st, _ = core.step(spec, st, [core.Observation(0, 0, "running")], ROOT)
+    st, acts = core.step(spec, st, [core.Observation(0, 0, "absent")], ROOT)
+    assert st.samples[0].state == "Pending" and st.samples[0].restarts == 2
+
+
+def test_too_few_rewards_fails_with_a_clear_message():
+    spec = make_spec(epochs=3, minSamples=3)
+    status, actions, _ = run_search(spec, lambda th, e, s: None if s >= 2 else 0.5)
+    assert status.phase == "Failed" and status.reason == "TooFewRewards"
+    assert "2 of 4 samples produced a reward" in status.message and "minSamples is 3" in status.message
+    assert status.epoch == 0
+    assert core.step(spec, status, [], ROOT) == (status, [])
+
+
+def test_stale_observations_are_ignored():
+    spec = make_spec(epochs=1, maxRetries=2)
+    st, _ = core.step(spec, None, [], ROOT)
+    st, _ = core.step(spec, st, [core.Observation(0, 0, "failed", 0)], ROOT)
+    assert st.samples[0].attempt == 1
+    st2, acts = core.step(spec, st, [core.Observation(0, 0, "failed", 0)], ROOT)  # the old attempt again
+    assert st2.samples[0].attempt == 1
+    st3, _ = core.step(spec, st, [core.Observation(5, 0, "succeeded", 1, reward=1.0)], ROOT)  # other epoch
+    assert st3.samples[0].state == "Pending"
+
+
+def test_suspend_and_raise_epochs_on_a_finished_search():
+    spec = make_spec(epochs=2)
+    st, acts = core.step(spec, None, [], ROOT)
+    obs = [core.Observation(0, i, "succeeded", reward=0.1 * i, sha256="x") for i in range(4)]
+    suspended = spec.model_copy(update={"suspend": True})
+    st, acts = core.step(suspended, st, obs, ROOT)
+    assert st.phase == "Suspended" and st.epoch == 1 and not st.samples
+    assert not any(isinstance(a, core.StartSample) for a in acts)
+    assert any(isinstance(a, core.Promote) for a in acts)  # the closed epoch is still promoted
+    st, acts = core.step(suspended, st, [], ROOT)
+    assert st.phase == "Suspended" and acts == []
+    st, acts = core.step(spec, st, [], ROOT)
+    assert st.phase == "Running" and len([a for a in acts if isinstance(a, core.StartSample)]) == 4
+    st, acts = core.step(spec, st, [core.Observation(1, i, "succeeded", reward=0.5, sha256="y") for i in range(4)],
+                         ROOT)
+    assert st.phase == "Succeeded" and st.epoch == 2
+    more = spec.model_copy(update={"search": spec.search.model_copy(update={"epochs": 3})})
+    st, acts = core.step(more, st, [], ROOT)
+    assert st.phase == "Running" and st.epoch == 2
+    assert {a.start.uri for a in acts if isinstance(a, core.StartSample)} == {
+        f"{ROOT}/epoch-0001/sample-00/checkpoint.pt"}
+
+
+def test_selection_only_uses_the_init_loss_for_every_sample_and_never_moves_mu():
+    spec = make_spec(mode="selection-only", epochs=3)
+    status, actions, started = run_search(spec, lambda th, e, s: float(s))
+    starts = [a for a in actions if isinstance(a, core.StartSample)]
+    assert all(a.program == {"kind": "preset", "name": "softmax", "margin": 0.35, "gamma": 2.0,
+                             "labelSmoothing": 0.0} for a in starts)
+    assert status.mu == [0.0] * len(status.mu)
+    assert status.best.sample == 3
+
+
+def test_status_stays_bounded_for_the_largest_spec():
+    spec = make_spec(samplesPerEpoch=256, intervals=64, parameterization="paper", epochs=100)
+    st, _ = core.step(spec, None, [], ROOT)
+    for _ in range(25):  # fill the history to its limit
+        obs = [core.Observation(st.epoch, i, "succeeded", reward=0.5 + i * 1e-3, sha256="a" * 64)
+               for i in range(256)]
+        st, _ = core.step(spec, st, obs, ROOT)
+    size = len(json.dumps(st.to_json_dict()))
+    assert len(st.history) == 20
+    assert size < 1_500_000, size
+
+
+def test_core_imports_without_torch_and_operator_stays_the_stdlib():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['boto3'] = None\n"
+            "import amlfs.core, amlfs.runner, amlfs.cli, amlfs.spaces, amlfs.report\n"
+            "import operator; assert operator.add(1, 2) == 3 and 'site-packages' not in operator.__file__\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,157 @@
+"""The trainer CLI contract: one sample of one epoch, through file:// and a real S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from amlfs import storage
+from amlfs.spaces import SpaceConfig, get_space
+from amlfs.spec import LossSearchSpec, spec_to_json
+from amlfs_trainer.cli import EXIT_CONFIG, EXIT_OK, main
+
+SPEC = LossSearchSpec.model_validate({
+    "task": {"dataset": "digits", "batchSize": 32, "trainLimit": 256},
+    "model": {"name": "small-cnn", "width": 8},
+    "optimizer": {"lr": 0.05},
+    "search": {"epochs": 3, "samplesPerEpoch": 2, "intervals": 4},
+})
+
+
+def args(tmp_path: Path, epoch: int, sample: int, out: str, *extra: str, spec: LossSearchSpec = SPEC) -> list[str]:
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec_to_json(spec))
+    return ["--spec", f"@{spec_file}", "--search", "t", "--epoch", str(epoch), "--sample", str(sample),
+            "--output", out, "--device", "cpu", *extra]
+
+
+def identity() -> list[float]:
+    return get_space("amlfs").identity(SpaceConfig(4))
+
+
+def test_one_epoch_then_the_next_from_its_checkpoint(tmp_path):
+    out0 = f"file://{tmp_path}/e0/s0"
+    assert main(args(tmp_path, 0, 0, out0)) == EXIT_OK
+    r0 = storage.read_json(f"{out0}/result.json")
+    assert r0["status"] == "ok" and 0.0 <= r0["reward"] <= 1.0
+    assert r0["reward"] == r0["valAccuracy"] and "testAccuracy" in r0
+    assert r0["theta"] == identity() and r0["program"]["kind"] == "piecewise"
+    assert set(r0["timings"]) >= {"setup", "train", "eval", "save", "total"}
+    local = Path(storage.parse(r0["checkpoint"]).key)
+    assert storage.sha256_file(local) == r0["sha256"]
+    ck = torch.load(local, weights_only=False)
+    assert ck["epoch"] == 1 and set(ck) >= {"model", "optimizer", "scheduler", "rng"}
+    assert ck["optimizer"]["state"], "momentum buffers must be saved"
+    steps0 = ck["scheduler"]["last_epoch"]
+    assert steps0 == r0["steps"] == 8  # 256 examples / batch 32
+
+    out1 = f"file://{tmp_path}/e1/s1"
+    theta = [v + 0.1 for v in identity()]
+    assert main(args(tmp_path, 1, 1, out1, "--start", r0["checkpoint"], "--start-sha256", r0["sha256"],
+                     "--theta", json.dumps(theta))) == EXIT_OK
+    r1 = storage.read_json(f"{out1}/result.json")
+    ck1 = torch.load(Path(storage.parse(r1["checkpoint"]).key), weights_only=False)
+    assert ck1["epoch"] == 2 and r1["theta"] == theta
+    assert ck1["scheduler"]["last_epoch"] == 2 * steps0  # the LR schedule continues, not restarts
+    # optimizer state carried over: momentum buffers differ from a fresh optimizer's first epoch
+    k = next(iter(ck1["optimizer"]["state"]))
+    m0, m1 = (c["optimizer"]["state"][k]["momentum_buffer"] for c in (ck, ck1))
+    assert not torch.equal(m0, m1)
+
+
+def test_samples_are_reproducible_and_differ_from_each_other(tmp_path):
+    outs = [f"file://{tmp_path}/{name}" for name in ("a", "b", "c")]
+    assert main(args(tmp_path, 0, 0, outs[0])) == EXIT_OK
+    assert main(args(tmp_path, 0, 0, outs[1])) == EXIT_OK
+    assert main(args(tmp_path, 0, 1, outs[2])) == EXIT_OK
+    ra, rb, rc = (storage.read_json(f"{o}/result.json") for o in outs)
+    assert ra["trainLoss"] == rb["trainLoss"] and ra["reward"] == rb["reward"]
+    wa = torch.load(Path(storage.parse(ra["checkpoint"]).key), weights_only=False)["model"]
+    wb = torch.load(Path(storage.parse(rb["checkpoint"]).key), weights_only=False)["model"]
+    wc = torch.load(Path(storage.parse(rc["checkpoint"]).key), weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa), "sample 1 must see another data order"
+
+
+def test_non_finite_loss_ends_the_sample_without_reward(tmp_path):
+    spec = SPEC.model_copy(update={"search": SPEC.search.model_copy(update={"parameterization": "paper"})})
+    m = 4
+    theta = [1e38] * m + [0.0] * m + [1.0] * m + [0.0] * m  # t overflows the target logit to inf
+    out = f"file://{tmp_path}/nan"
+    assert main(args(tmp_path, 0, 0, out, "--theta", json.dumps(theta), spec=spec)) == EXIT_OK
+    r = storage.read_json(f"{out}/result.json")
+    assert r["status"] == "no-reward" and r["reward"] is None
+    assert not storage.exists(f"{out}/checkpoint.pt")
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    out = f"file://{tmp_path}/bad"
+    assert main(args(tmp_path, 0, 0, out, "--theta", "[1, 2]")) == EXIT_CONFIG
+    assert "--theta: 2 numbers" in capsys.readouterr().err
+    assert main(args(tmp_path, 1, 0, out)) == EXIT_CONFIG
+    assert "--start: epoch 1 needs" in capsys.readouterr().err
+    assert main(["--epoch", "0", "--sample", "0", "--output", out]) == EXIT_CONFIG
+    assert "--spec: missing" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_corrupt_or_wrong_start_checkpoint_exits_2_nothing_overwritten(tmp_path, capsys):
+    out0 = f"file://{tmp_path}/e0"
+    assert main(args(tmp_path, 0, 0, out0)) == EXIT_OK
+    r0 = storage.read_json(f"{out0}/result.json")
+    out1 = f"file://{tmp_path}/e1"
+    storage.write_bytes(f"{out1}/result.json", b'{"keep": true}')
+    ckpt = Path(storage.parse(r0["checkpoint"]).key)
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    assert main(args(tmp_path, 1, 0, out1, "--start", r0["checkpoint"], "--start-sha256", r0["sha256"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sha256 mismatch" in err and len(err.splitlines()) == 1
+    ckpt.write_bytes(bytes(data[: len(data) // 3]))  # truncated: unreadable even without a digest to check
+    assert main(args(tmp_path, 1, 0, out1, "--start", r0["checkpoint"])) == 2
+    assert "unreadable" in capsys.readouterr().err
+    assert main(args(tmp_path, 1, 0, out1, "--start", f"file://{tmp_path}/none.pt")) == 2
+    assert "not found" in capsys.readouterr().err
+    assert storage.read_json(f"{out1}/result.json") == {"keep": True}
+    assert not storage.exists(f"{out1}/checkpoint.pt")
+
+
+def test_round_trip_through_real_s3_in_a_subprocess(tmp_path, s3_server):
+    env = dict(os.environ, **s3_server.env())
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec_to_json(SPEC))
+    base = f"s3://{s3_server.bucket}/trainer-{os.urandom(3).hex()}"
+    common = [sys.executable, "-m", "amlfs_trainer.cli", "--device", "cpu", "--search", "s3t"]
+    env |= {"AMLFS_SPEC": spec_file.read_text(), "AMLFS_EPOCH": "0", "AMLFS_SAMPLE": "0",
+            "AMLFS_OUTPUT": f"{base}/e0"}  # pods pass everything by environment
+    p = subprocess.run(common, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    c = s3_server.client()
+    result = json.loads(c.get_object(Bucket=s3_server.bucket, Key=f"{base[len('s3://amlfs/'):]}/e0/result.json")
+                        ["Body"].read())
+    assert result["sha256"] == summary["sha256"] and result["checkpoint"] == f"{base}/e0/checkpoint.pt"
+    p = subprocess.run([*common, "--epoch", "1", "--output", f"{base}/e1", "--start", result["checkpoint"],
+                        "--start-sha256", result["sha256"]], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    body = c.get_object(Bucket=s3_server.bucket, Key=f"{base[len('s3://amlfs/'):]}/e1/checkpoint.pt")["Body"].read()
+    r1 = json.loads(c.get_object(Bucket=s3_server.bucket, Key=f"{base[len('s3://amlfs/'):]}/e1/result.json")
+                    ["Body"].read())
+    import hashlib
+
+    assert hashlib.sha256(body).hexdigest() == r1["sha256"]
+
+
+@pytest.mark.parametrize("space", ["search-softmax"])
+def test_other_space_trains(tmp_path, space):
+    spec = SPEC.model_copy(update={"search": SPEC.search.model_copy(update={"space": space})})
+    out = f"file://{tmp_path}/ss"
+    assert main(args(tmp_path, 0, 0, out, "--theta", json.dumps([-0.5] * 4), spec=spec)) == EXIT_OK
+    assert storage.read_json(f"{out}/result.json")["program"] == {"kind": "search-softmax", "a": [-0.5] * 4}

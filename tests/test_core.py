@@ -76,7 +76,7 @@ def test_same_seed_same_sequence_whatever_restarts():
     assert t1 == t2 == t3
     assert s1.mu == s2.mu == s3.mu
     assert s1.phase == "Succeeded" and s1.epoch == 5
-    s4, _, t4 = run_search(make_spec(seed=8), quadratic(target))
+    _s4, _, t4 = run_search(make_spec(seed=8), quadratic(target))
     assert t4 != t1
 
 
@@ -172,7 +172,7 @@ def test_preemption_is_restarted_without_counting():
 
 def test_too_few_rewards_fails_with_a_clear_message():
     spec = make_spec(epochs=3, minSamples=3)
-    status, actions, _ = run_search(spec, lambda th, e, s: None if s >= 2 else 0.5)
+    status, _actions, _ = run_search(spec, lambda th, e, s: None if s >= 2 else 0.5)
     assert status.phase == "Failed" and status.reason == "TooFewRewards"
     assert "2 of 4 samples produced a reward" in status.message and "minSamples is 3" in status.message
     assert status.epoch == 0
@@ -184,7 +184,7 @@ def test_stale_observations_are_ignored():
     st, _ = core.step(spec, None, [], ROOT)
     st, _ = core.step(spec, st, [core.Observation(0, 0, "failed", 0)], ROOT)
     assert st.samples[0].attempt == 1
-    st2, acts = core.step(spec, st, [core.Observation(0, 0, "failed", 0)], ROOT)  # the old attempt again
+    st2, _acts = core.step(spec, st, [core.Observation(0, 0, "failed", 0)], ROOT)  # the old attempt again
     assert st2.samples[0].attempt == 1
     st3, _ = core.step(spec, st, [core.Observation(5, 0, "succeeded", 1, reward=1.0)], ROOT)  # other epoch
     assert st3.samples[0].state == "Pending"
@@ -215,7 +215,7 @@ def test_suspend_and_raise_epochs_on_a_finished_search():
 
 def test_selection_only_uses_the_init_loss_for_every_sample_and_never_moves_mu():
     spec = make_spec(mode="selection-only", epochs=3)
-    status, actions, started = run_search(spec, lambda th, e, s: float(s))
+    status, actions, _started = run_search(spec, lambda th, e, s: float(s))
     starts = [a for a in actions if isinstance(a, core.StartSample)]
     assert all(a.program == {"kind": "preset", "name": "softmax", "margin": 0.35, "gamma": 2.0,
                              "labelSmoothing": 0.0} for a in starts)

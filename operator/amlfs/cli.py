@@ -3,6 +3,7 @@
   amlfs run [FILE.yaml]       run a whole search on this machine (default: the bundled digits-quick example)
   amlfs validate FILE.yaml    check a LossSearch manifest
   amlfs example [NAME]        print a bundled example manifest
+  amlfs crd                   print the LossSearch CustomResourceDefinition (generated from the spec models)
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("file")
     e = sub.add_parser("example", help="print a bundled example manifest")
     e.add_argument("name", nargs="?", default=DEFAULT_EXAMPLE)
+    sub.add_parser("crd", help="print the LossSearch CRD (YAML)")
     return p
 
 
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             m = load_manifest(args.file)
             print(f"{args.file}: valid LossSearch {m.metadata.name!r}")
+            return 0
+        if args.command == "crd":
+            from amlfs.crd import render_yaml
+
+            sys.stdout.write(render_yaml())
             return 0
         if args.command == "example":
             sys.stdout.write(example_path(args.name).read_text())

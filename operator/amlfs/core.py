@@ -68,6 +68,7 @@ class StartSample:
     program: dict[str, Any]
     start: Checkpoint | None
     output: str  # prefix URI: the trainer writes checkpoint.pt and result.json below it
+    restarts: int = 0  # uncounted restarts so far (a shell names the new pod/process after it)
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ def _start_pending(s: _Step) -> None:
         if x.state == "Pending":
             s.actions.append(StartSample(epoch=s.st.epoch, sample=x.index, attempt=x.attempt, theta=list(x.theta),
                                          program=program_for(s.spec, x.theta), start=s.st.start,
-                                         output=s.layout.sample_dir(s.st.epoch, x.index)))
+                                         output=s.layout.sample_dir(s.st.epoch, x.index), restarts=x.restarts))
 
 
 def _observe(s: _Step, observations: list[Observation]) -> None:
@@ -273,6 +274,8 @@ def _close_epoch(s: _Step) -> None:
                                             [rewards[i] for i in got], st.sigma)
         if grad is not None:
             st.mu, st.adam = reinforce.adam_ascent(st.mu, grad, st.adam, spec.search.lr)
+            if spec.search.mu_bound > 0:
+                st.mu = reinforce.clip_to(st.mu, initial_mu(spec), spec.search.mu_bound)
     mu_step = math.sqrt(sum((a - b) ** 2 for a, b in zip(st.mu, old_mu, strict=True)))
     valid = [rewards[i] for i in got]
     record = EpochRecord(epoch=st.epoch, rewards=rewards, best=best_i, best_reward=bx.reward,

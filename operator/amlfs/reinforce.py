@@ -65,6 +65,11 @@ def adam_ascent(mu: list[float], grad: list[float], state: AdamState, lr: float,
     return new_mu, AdamState(step=step, m=m, v=v)
 
 
+def clip_to(mu: list[float], center: list[float], bound: float) -> list[float]:
+    """Project mu onto the box |mu - center| <= bound (per coordinate)."""
+    return [min(max(m, c - bound), c + bound) for m, c in zip(mu, center, strict=True)]
+
+
 def best_index(rewards: list[float | None]) -> int | None:
     """Highest reward; ties go to the lowest index."""
     best = None

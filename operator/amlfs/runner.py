@@ -27,19 +27,33 @@ EXIT_CONFIG = 2
 IMMUTABLE = ("space", "parameterization", "intervals", "mode", "seed", "sigma", "init", "logitRange")
 
 
+class _Finished:
+    """A sample trained inline (in this process): already done, with the trainer's exit code."""
+
+    def __init__(self, rc: int) -> None:
+        self.returncode = rc
+        self.pid = 0
+
+    def poll(self) -> int:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.returncode
+
+
 @dataclass
 class Proc:
     epoch: int
     sample: int
     attempt: int
-    popen: subprocess.Popen[bytes]
+    popen: subprocess.Popen[bytes] | _Finished
     log: Path
 
 
 class LocalRunner:
     def __init__(self, manifest: LossSearch, workdir: Path, parallel: int = 1, device: str = "auto",
                  threads: int = 0, on_event: Callable[[str, dict], None] | None = None,
-                 trainer: list[str] | None = None, cache_dir: Path | None = None) -> None:
+                 trainer: list[str] | None = None, cache_dir: Path | None = None, inline: bool = False) -> None:
         self.manifest = manifest
         self.spec: LossSearchSpec = manifest.spec
         self.name = manifest.metadata.name
@@ -53,6 +67,9 @@ class LocalRunner:
         self.on_event = on_event or (lambda kind, data: None)
         self.trainer = trainer or [sys.executable, "-m", "amlfs_trainer.cli"]
         self.cache_dir = cache_dir or (workdir / ".cache").absolute()
+        self.inline = inline  # run samples one by one inside this process (benchmarks; same CLI, no start-up cost)
+        if inline:
+            self.parallel = 1
         self.procs: dict[int, Proc] = {}
         self.status_path = self.dir / "status.json"
         self.spec_path = self.dir / "spec.json"
@@ -197,11 +214,23 @@ class LocalRunner:
             device = "cuda"
         log = self.dir / "logs" / f"e{a.epoch:04d}-s{a.sample:02d}-a{a.attempt}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        if self.inline:
+            self.procs[a.sample] = Proc(a.epoch, a.sample, a.attempt, self._run_inline(a, device, log), log)
+            self.on_event("start", {"epoch": a.epoch, "sample": a.sample, "attempt": a.attempt})
+            return
         with open(log, "wb") as f:
             popen = subprocess.Popen([*self.command(a), "--device", device], stdout=f, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
         self.procs[a.sample] = Proc(a.epoch, a.sample, a.attempt, popen, log)
         self.on_event("start", {"epoch": a.epoch, "sample": a.sample, "attempt": a.attempt})
+
+    def _run_inline(self, a: core.StartSample, device: str, log: Path) -> _Finished:
+        import contextlib
+
+        from amlfs_trainer.cli import main as trainer_main
+
+        with open(log, "w") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
+            return _Finished(trainer_main([*self.command(a)[len(self.trainer):], "--device", device]))
 
     def wait(self) -> None:
         while self.procs and all(p.popen.poll() is None for p in self.procs.values()):
@@ -209,7 +238,7 @@ class LocalRunner:
 
     def stop_all(self) -> None:
         for p in self.procs.values():
-            if p.popen.poll() is None:
+            if p.popen.poll() is None and p.popen.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.popen.pid, signal.SIGTERM)
         for p in self.procs.values():

@@ -64,6 +64,18 @@ class EpochRecord(Model):
     mu_step: float = Field(description="L2 norm of the change of mu made after this epoch.")
 
 
+class Condition(Model):
+    """A metav1.Condition: one aspect of the resource's state (Ready, Progressing, Degraded)."""
+
+    type: str = Field(max_length=316, description="Condition type in CamelCase, e.g. Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    observed_generation: int = Field(0, ge=0, description="metadata.generation the condition was set from.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).",
+                                      json_schema_extra={"format": "date-time"})
+    reason: str = Field("", max_length=1024, description="Programmatic CamelCase reason for the last transition.")
+    message: str = Field("", max_length=32768, description="Human-readable details.")
+
+
 class LossSearchStatus(Model):
     phase: Phase = "Pending"
     epoch: int = Field(0, description="Index of the epoch being run; equals the number of completed epochs.")
@@ -77,6 +89,10 @@ class LossSearchStatus(Model):
     history: list[EpochRecord] = Field(default_factory=list, description=f"Last {HISTORY_LIMIT} epochs.")
     reason: str = ""
     message: str = ""
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing and Degraded.",
+                                        json_schema_extra={"x-kubernetes-list-type": "map",
+                                                           "x-kubernetes-list-map-keys": ["type"]})
+    observed_generation: int = Field(0, ge=0, description="metadata.generation the status was computed from.")
 
     def to_json_dict(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)

@@ -4,6 +4,7 @@ static credentials and one bucket. Usable as a context manager, from a pytest fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -76,7 +77,8 @@ class S3Server:
                "-master.volumeSizeLimitMB=64", "-volume.max=20", f"-volume.port={ports['volume']}",
                f"-volume.port.grpc={ports['volume'] + 10000}", "-filer", f"-filer.port={ports['filer']}",
                f"-filer.port.grpc={ports['filer'] + 10000}", "-s3", f"-s3.port={ports['s3']}",
-               f"-s3.config={cfg}", "-master.telemetry=false"]
+               f"-s3.port.grpc={ports['s3'] + 10000}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               f"-s3.config={cfg}", "-master.telemetry=false", "-metricsPort=0"]
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         self.endpoint = f"http://127.0.0.1:{ports['s3']}"
@@ -127,7 +129,5 @@ if __name__ == "__main__":
     with S3Server(d) as s:
         print(f"export AWS_ENDPOINT_URL_S3={s.endpoint} AWS_ACCESS_KEY_ID={s.access_key} "
               f"AWS_SECRET_ACCESS_KEY={s.secret_key} AWS_REGION=us-east-1  # bucket: {s.bucket}")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
-        except KeyboardInterrupt:
-            pass

@@ -20,14 +20,14 @@ class SpaceConfig:
     parameterization: str = "monotone"
     t_lo: float = -1.0
     t_hi: float = 1.0
+    logit_scale: float = 1.0  # logits per unit of t's input: the cosine head's scale s, 1 for linear heads
 
     @classmethod
     def from_spec(cls, spec: LossSearchSpec) -> SpaceConfig:
         if spec.model.head == "cosine":
-            lo, hi = -1.0, 1.0
-        else:
-            lo, hi = -spec.search.logit_range, spec.search.logit_range
-        return cls(spec.search.intervals, spec.search.parameterization, lo, hi)
+            return cls(spec.search.intervals, spec.search.parameterization, -1.0, 1.0, spec.model.scale)
+        r = spec.search.logit_range
+        return cls(spec.search.intervals, spec.search.parameterization, -r, r, 1.0)
 
 
 class Space(ABC):

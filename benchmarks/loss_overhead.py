@@ -188,11 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     step = train_step_timings(args, device, crits)
     alone = loss_alone_timings(args, device, crits)
     ops = op_counts(args, crits)
-    print(f"{'loss':<16}{'step ms':>10}{'overhead':>10}{'loss alone us':>15}{'aten ops (non-view)':>22}")
+    print(f"{'loss':<16}{'step ms':>10}{'img/s':>10}{'overhead':>10}{'loss alone us':>15}"
+          f"{'aten ops (non-view)':>22}")
     for key in crits:
         over = 100.0 * (step[key] / step["ce"] - 1.0)
-        print(f"{key:<16}{1e3 * step[key]:>10.2f}{over:>+9.1f}%{1e6 * alone[key]:>15.1f}"
-              f"{ops[key][0]:>14d} ({ops[key][1]})")
+        print(f"{key:<16}{1e3 * step[key]:>10.2f}{args.batch / step[key]:>10.0f}{over:>+9.1f}%"
+              f"{1e6 * alone[key]:>15.1f}{ops[key][0]:>14d} ({ops[key][1]})")
 
 
 if __name__ == "__main__":

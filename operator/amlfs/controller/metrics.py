@@ -1,0 +1,60 @@
+"""The operator's own Prometheus metrics (served on /metrics by the operator process)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from amlfs.spaces import get_space
+from amlfs.spec import LossSearchSpec
+from amlfs.status import LossSearchStatus
+
+RECONCILE_SECONDS = Histogram("amlfs_operator_reconcile_duration_seconds", "Duration of one reconciliation pass.",
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+EPOCHS = Counter("amlfs_operator_epochs_completed", "Search epochs completed.", ["namespace", "search"])
+PODS_CREATED = Counter("amlfs_operator_pods_created", "Trainer pods created.", ["namespace", "search"])
+PODS_FAILED = Counter("amlfs_operator_pods_failed", "Trainer pods that failed, by kind.", ["reason"])
+BEST_REWARD = Gauge("amlfs_operator_best_reward", "Best reward so far.", ["namespace", "search"])
+EPOCH = Gauge("amlfs_operator_epoch", "Current epoch (completed epochs).", ["namespace", "search"])
+MU = Gauge("amlfs_operator_mu", "Mean of the loss distribution, per parameter.", ["namespace", "search", "parameter"])
+SAMPLES = Gauge("amlfs_operator_samples", "Samples of the current epoch by state.", ["namespace", "search", "state"])
+PHASE = Gauge("amlfs_operator_phase", "1 for the search's current phase.", ["namespace", "search", "phase"])
+CURVE = Gauge("amlfs_operator_loss_curve", "The learned t and tau (the loss of mu) at their knots.",
+              ["namespace", "search", "function", "knot"])
+CURVE_X = Gauge("amlfs_operator_loss_curve_x", "Where each knot of t and tau lies.",
+                ["namespace", "search", "function", "knot"])
+PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+STATES = ("Pending", "Running", "Succeeded", "NoReward", "Failed", "ConfigError")
+
+
+def observe_status(namespace: str, search: str, st: LossSearchStatus, spec: LossSearchSpec) -> None:
+    EPOCH.labels(namespace, search).set(st.epoch)
+    if st.best is not None:
+        BEST_REWARD.labels(namespace, search).set(st.best.reward)
+    from amlfs.core import space_config
+
+    names = get_space(spec.search.space).names(space_config(spec))
+    for name, value in zip(names, st.mu, strict=False):
+        MU.labels(namespace, search, name).set(value)
+    from amlfs.core import program_for
+    from amlfs.spaces import evaluate
+
+    program = program_for(spec, st.mu)
+    cfg = space_config(spec)
+    for fn, lo, hi in (("t", cfg.t_lo, cfg.t_hi), ("tau", 0.0, 1.0)):
+        for k in range(cfg.intervals + 1):
+            x = lo + (hi - lo) * k / cfg.intervals
+            CURVE_X.labels(namespace, search, fn, str(k)).set(x)
+            CURVE.labels(namespace, search, fn, str(k)).set(evaluate(program, fn, x))
+    for state in STATES:
+        SAMPLES.labels(namespace, search, state).set(sum(1 for x in st.samples if x.state == state))
+    for phase in PHASES:
+        PHASE.labels(namespace, search, phase).set(1 if st.phase == phase else 0)
+
+
+def forget(namespace: str, search: str) -> None:
+    """Drop a deleted search's series."""
+    for g in (EPOCH, BEST_REWARD):
+        with contextlib.suppress(KeyError):
+            g.remove(namespace, search)

@@ -1,0 +1,161 @@
+"""Small builders of plain-dict trainer Pods, in the style of dask-kubernetes' operator.
+
+A pod runs exactly the trainer CLI contract (`amlfs-trainer`, configured by AMLFS_* environment variables),
+so the same command trains a sample in a pod and in `amlfs run`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from amlfs.core import StartSample
+from amlfs.spec import LossSearchSpec, spec_to_json
+
+LABEL_SEARCH = "amlfs.io/search"
+LABEL_EPOCH = "amlfs.io/epoch"
+LABEL_SAMPLE = "amlfs.io/sample"
+LABEL_ATTEMPT = "amlfs.io/attempt"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+MAX_NAME = 63
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    """Operator-wide settings that reach the pods."""
+
+    pushgateway: str = ""  # URL the trainers push their result to
+    s3_endpoint: str = ""  # default S3 endpoint when the spec names none
+    run_as_user: int = 1000
+
+
+def pod_name(search: str, epoch: int, sample: int, attempt: int = 0, restarts: int = 0) -> str:
+    """`<search>-e<epoch>-s<sample>`, plus `-a<attempt>` for retries and `-r<n>` after preemptions.
+
+    Deterministic, so a restarted operator finds (and never duplicates) the pods it made. Names longer than a
+    label value (63) keep a hash of the search name instead of its tail.
+    """
+    suffix = f"-e{epoch}-s{sample}" + (f"-a{attempt}" if attempt else "") + (f"-r{restarts}" if restarts else "")
+    if len(search) + len(suffix) > MAX_NAME:
+        digest = hashlib.sha256(search.encode()).hexdigest()[:8]
+        search = f"{search[: MAX_NAME - len(suffix) - 9].rstrip('-')}-{digest}"
+    return f"{search}{suffix}"
+
+
+def labels(search: str, epoch: int, sample: int, attempt: int) -> dict[str, str]:
+    return {LABEL_SEARCH: search, LABEL_EPOCH: str(epoch), LABEL_SAMPLE: str(sample), LABEL_ATTEMPT: str(attempt),
+            LABEL_COMPONENT: "trainer", "app.kubernetes.io/name": "amlfs", "app.kubernetes.io/managed-by": "amlfs"}
+
+
+def _env(name: str, value: str) -> dict[str, Any]:
+    return {"name": name, "value": value}
+
+
+def trainer_env(spec: LossSearchSpec, search: str, namespace: str, a: StartSample,
+                settings: PodSettings) -> list[dict[str, Any]]:
+    env = [
+        _env("AMLFS_SPEC", spec_to_json(spec)),
+        _env("AMLFS_SEARCH", search),
+        _env("AMLFS_NAMESPACE", namespace),
+        _env("AMLFS_EPOCH", str(a.epoch)),
+        _env("AMLFS_SAMPLE", str(a.sample)),
+        _env("AMLFS_ATTEMPT", str(a.attempt)),
+        _env("AMLFS_THETA", json.dumps(a.theta)),
+        _env("AMLFS_OUTPUT", a.output),
+        _env("AMLFS_METRICS_PORT", str(spec.trainer.metrics_port)),
+        _env("AMLFS_CACHE_DIR", "/tmp/amlfs-cache"),
+        _env("HOME", "/tmp"),
+    ]
+    if a.start is not None:
+        env += [_env("AMLFS_START", a.start.uri), _env("AMLFS_START_SHA256", a.start.sha256)]
+    if settings.pushgateway:
+        env.append(_env("AMLFS_PUSHGATEWAY", settings.pushgateway))
+    endpoint = spec.storage.endpoint or settings.s3_endpoint
+    if endpoint:
+        env.append(_env("AWS_ENDPOINT_URL_S3", endpoint))
+    if spec.storage.region:
+        env.append(_env("AWS_REGION", spec.storage.region))
+    if spec.storage.secret_name:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": spec.storage.secret_name, "key": key}}})
+    return env
+
+
+def trainer_pod(spec: LossSearchSpec, search: str, namespace: str, a: StartSample,
+                settings: PodSettings) -> dict[str, Any]:
+    res = spec.trainer.resources
+    limits: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
+    if res.gpu:
+        limits["nvidia.com/gpu"] = str(res.gpu)
+    pod: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(search, a.epoch, a.sample, a.attempt, a.restarts),
+            "namespace": namespace,
+            "labels": labels(search, a.epoch, a.sample, a.attempt),
+            "annotations": {"prometheus.io/scrape": "true" if spec.trainer.metrics_port else "false",
+                            "prometheus.io/port": str(spec.trainer.metrics_port)},
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "activeDeadlineSeconds": spec.trainer.active_deadline_seconds,
+            "terminationGracePeriodSeconds": 30,
+            "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": settings.run_as_user,
+                                "runAsGroup": settings.run_as_user, "fsGroup": settings.run_as_user,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "trainer",
+                "image": spec.trainer.image,
+                "imagePullPolicy": spec.trainer.image_pull_policy,
+                "command": ["amlfs-trainer"],
+                "env": trainer_env(spec, search, namespace, a, settings),
+                "resources": {"requests": dict(limits), "limits": limits},
+                "ports": [{"name": "metrics", "containerPort": spec.trainer.metrics_port}]
+                if spec.trainer.metrics_port else [],
+                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}},
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}],
+            }],
+            "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+        },
+    }
+    if spec.trainer.pod_template:
+        pod = merge_template(pod, spec.trainer.pod_template)
+    return pod
+
+
+def merge_template(pod: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """Merge a user's partial pod into ours: maps merge recursively, lists of named items (containers,
+    volumes, volumeMounts, env) merge by name, other values from the template win. The trainer's command,
+    environment contract and identifying labels cannot be overridden."""
+    out = _merge(copy.deepcopy(pod), copy.deepcopy(template))
+    out["metadata"]["name"] = pod["metadata"]["name"]
+    out["metadata"]["namespace"] = pod["metadata"]["namespace"]
+    out["metadata"]["labels"].update({k: v for k, v in pod["metadata"]["labels"].items() if k.startswith("amlfs.io/")})
+    trainer = next(c for c in out["spec"]["containers"] if c["name"] == "trainer")
+    ours = pod["spec"]["containers"][0]
+    trainer["command"] = ours["command"]
+    names = {e["name"] for e in ours["env"]}
+    trainer["env"] = ours["env"] + [e for e in trainer.get("env", []) if e["name"] not in names]
+    out["spec"]["restartPolicy"] = "Never"
+    return out
+
+
+def _merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        for k, v in over.items():
+            base[k] = _merge(base[k], v) if k in base else v
+        return base
+    if isinstance(base, list) and isinstance(over, list) and all(
+            isinstance(x, dict) and "name" in x for x in base + over):
+        by_name = {x["name"]: x for x in base}
+        for x in over:
+            by_name[x["name"]] = _merge(by_name[x["name"]], x) if x["name"] in by_name else x
+        return list(by_name.values())
+    return over

@@ -1,0 +1,198 @@
+"""Fixtures: a real Kubernetes cluster for tests.
+
+``AMLFS_TEST_CLUSTER`` chooses where:
+
+* ``local`` (default): a control plane started here (etcd, kube-apiserver,
+  kube-controller-manager, kube-scheduler; see controlplane.py) plus the
+  process kubelet (kubelet.py), one per test session.  Missing binaries are
+  built by tests/cluster/build.sh (slow the first time on a machine).
+* ``external``: the cluster in ``$KUBECONFIG`` (e.g. kind, see
+  tests/e2e/kind-up.sh); nothing is started, and pods run in real
+  containers from ``$AMLFS_TEST_IMAGE`` (default ``amlfs-trainer:dev``).
+
+Prometheus and the Pushgateway (services.py) always run locally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from .controlplane import ControlPlane, ensure_binaries
+from .kubelet import ProcessKubelet
+from .services import Monitoring
+
+#: image -> entrypoint for containers without ``command`` (local mode only);
+#: extend with AMLFS_IMAGE_COMMANDS='{"image": ["cmd", ...]}'.
+DEFAULT_IMAGE_COMMANDS = {"amlfs-trainer": ["amlfs-trainer"], "amlfs-operator": ["amlfs-operator"]}
+
+
+@dataclass
+class Cluster:
+    mode: str  # "local" | "external"
+    kubeconfig: Path
+    kubectl_bin: str
+    helm_bin: str
+    image: str
+    controlplane: ControlPlane | None = None
+    kubelet: ProcessKubelet | None = None
+    _api: object = field(default=None, repr=False)
+
+    @property
+    def api_client(self):
+        """An admin kubernetes.client.ApiClient."""
+        if self._api is None:
+            from kubernetes import client, config
+
+            cfg = client.Configuration()
+            config.load_kube_config(config_file=str(self.kubeconfig), client_configuration=cfg)
+            self._api = client.ApiClient(cfg)
+        return self._api
+
+    def core(self):
+        from kubernetes import client
+
+        return client.CoreV1Api(self.api_client)
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
+        return proc
+
+    def kubectl_json(self, *args: str) -> dict:
+        return json.loads(self.kubectl(*args, "-o", "json").stdout)
+
+    def wait_pod(self, namespace: str, name: str, phases=("Succeeded", "Failed"), timeout: float = 120) -> dict:
+        """Poll until the pod exists and its phase is one of ``phases``;
+        returns the pod as a dict."""
+        from kubernetes.client.exceptions import ApiException
+
+        core = self.core()
+        deadline = time.monotonic() + timeout
+        last = "not created yet"
+        while time.monotonic() < deadline:
+            try:
+                pod = core.read_namespaced_pod(name, namespace)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+            else:
+                if pod.status.phase in phases:
+                    return self.api_client.sanitize_for_serialization(pod)
+                last = self.api_client.sanitize_for_serialization(pod.status)
+            time.sleep(0.2)
+        raise TimeoutError(f"pod {namespace}/{name} not in {phases} after {timeout}s: {last}")
+
+    def wait_gone(self, namespace: str, name: str, kind: str = "pod", timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.kubectl("get", kind, name, "-n", namespace, "--ignore-not-found", "-o", "name", check=False)
+            if r.returncode == 0 and not r.stdout.strip():
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"{kind} {namespace}/{name} still there after {timeout}s")
+
+
+def _image_commands() -> dict[str, list[str]]:
+    cmds = dict(DEFAULT_IMAGE_COMMANDS)
+    extra = os.environ.get("AMLFS_IMAGE_COMMANDS")
+    if extra:
+        cmds.update(json.loads(extra))
+    return cmds
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory) -> Cluster:
+    mode = os.environ.get("AMLFS_TEST_CLUSTER", "local")
+    image = os.environ.get("AMLFS_TEST_IMAGE", "amlfs-trainer:dev")
+    if mode == "external":
+        kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+        kubectl, helm = shutil.which("kubectl"), shutil.which("helm")
+        if kubectl is None or helm is None:
+            bindir = ensure_binaries()
+            kubectl, helm = kubectl or str(bindir / "kubectl"), helm or str(bindir / "helm")
+        yield Cluster("external", Path(kubeconfig.split(os.pathsep)[0]), kubectl, helm, image)
+        return
+    if mode != "local":
+        raise pytest.UsageError(f"AMLFS_TEST_CLUSTER must be 'local' or 'external', not {mode!r}")
+    base = tmp_path_factory.mktemp("cluster")
+    cp = ControlPlane(workdir=base / "controlplane")
+    cp.start()
+    kubelet = None
+    try:
+        kubelet = ProcessKubelet(
+            cp.kubelet_kubeconfig,
+            workdir=base / "kubelet",
+            gpus=2,
+            image_commands=_image_commands(),
+            ca_file=cp.ca_file,
+        )
+        kubelet.start()
+        print(
+            f"\n[cluster] control plane ready in {cp.startup_seconds:.1f}s "
+            f"(incl. binaries check {cp.total_seconds:.1f}s); KUBECONFIG={cp.kubeconfig}",
+            file=sys.stderr,
+        )
+        yield Cluster(
+            "local",
+            cp.kubeconfig,
+            str(cp.kubectl_path),
+            str(cp.helm_path),
+            image,
+            controlplane=cp,
+            kubelet=kubelet,
+        )
+    finally:
+        if kubelet is not None:
+            kubelet.stop()
+        cp.stop()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster):
+    """A fresh namespace (its default ServiceAccount already made), deleted
+    afterwards."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.kubectl("create", "namespace", name)
+    deadline = time.monotonic() + 30
+    while cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no default ServiceAccount in {name}")
+        time.sleep(0.2)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def process_kubelet(cluster: Cluster) -> ProcessKubelet:
+    """The process kubelet (local mode only: these tests drive it directly)."""
+    if cluster.kubelet is None:
+        pytest.skip("needs the local process kubelet (AMLFS_TEST_CLUSTER=local)")
+    return cluster.kubelet
+
+
+@pytest.fixture(scope="session")
+def monitoring(tmp_path_factory) -> Monitoring:
+    m = Monitoring(workdir=tmp_path_factory.mktemp("monitoring")).start()
+    try:
+        yield m
+    finally:
+        m.stop()

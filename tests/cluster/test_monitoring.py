@@ -1,0 +1,36 @@
+"""Prometheus + Pushgateway (Debian packages) run for real."""
+
+from __future__ import annotations
+
+import uuid
+
+from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, start_http_server
+
+from .controlplane import free_port
+
+
+def test_pushed_metric_is_queryable_in_prometheus(monitoring):
+    job = f"amlfs_trial_{uuid.uuid4().hex[:6]}"
+    registry = CollectorRegistry()
+    g = Gauge("amlfs_trial_accuracy", "validation accuracy", ["trial"], registry=registry)
+    g.labels(trial="t1").set(0.93)
+    push_to_gateway(monitoring.pushgateway.address, job=job, registry=registry)
+    result = monitoring.prometheus.wait_for(f'amlfs_trial_accuracy{{job="{job}"}}', timeout=30)
+    assert result[0]["metric"]["trial"] == "t1"  # honor_labels kept the pushed labels
+    assert float(result[0]["value"][1]) == 0.93
+
+
+def test_registered_metrics_endpoint_is_scraped(monitoring):
+    registry = CollectorRegistry()
+    g = Gauge("amlfs_operator_active_trials", "trials running", registry=registry)
+    g.set(3)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        path = monitoring.prometheus.add_target(f"127.0.0.1:{port}", labels={"component": "operator"})
+        result = monitoring.prometheus.wait_for('amlfs_operator_active_trials{component="operator"}', timeout=30)
+        assert float(result[0]["value"][1]) == 3
+        monitoring.prometheus.remove_target(path)
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)

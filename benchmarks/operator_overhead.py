@@ -68,12 +68,15 @@ def main() -> None:
             w = watch.Watch()
 
             def record() -> None:
-                for ev in w.stream(core.list_namespaced_pod, "default", timeout_seconds=1800):
-                    if ev["type"] == "ADDED":
-                        e = int(ev["object"].metadata.labels.get("amlfs.io/epoch", "-1"))
-                        now = time.time()
-                        first_seen.setdefault(e, now)
-                        last_seen[e] = now
+                try:
+                    for ev in w.stream(core.list_namespaced_pod, "default", timeout_seconds=1800):
+                        if ev["type"] == "ADDED":
+                            e = int(ev["object"].metadata.labels.get("amlfs.io/epoch", "-1"))
+                            now = time.time()
+                            first_seen.setdefault(e, now)
+                            last_seen[e] = now
+                except Exception:  # the API server goes away at teardown
+                    pass
 
             threading.Thread(target=record, daemon=True).start()
             doc = {"apiVersion": "amlfs.io/v1alpha1", "kind": "LossSearch", "metadata": {"name": "overhead"},
@@ -93,6 +96,8 @@ def main() -> None:
                     raise SystemExit(f"search did not finish: {obj.get('status')}")
                 time.sleep(0.5)
             total = time.time() - t0
+            if obj["status"]["phase"] != "Succeeded":
+                raise SystemExit(f"search failed: {obj['status'].get('message')}")
             c = s3.client()
             overheads, creates = [], []
             for e in range(1, args.epochs):
@@ -100,7 +105,7 @@ def main() -> None:
                 for s in range(args.samples):
                     body = c.get_object(Bucket=s3.bucket, Key=f"bench/default/overhead/epoch-{e - 1:04d}/"
                                                               f"sample-{s:02d}/result.json")["Body"].read()
-                    pushed.append(json.loads(body)["pushedAt"])
+                    pushed.append(json.loads(body).get("pushedAt", float("nan")))
                 overheads.append(first_seen[e] - max(pushed))
                 creates.append(last_seen[e] - max(pushed))
         finally:

@@ -96,4 +96,4 @@ def delete_storage(namespace: str, name: str, body: kopf.Body, **_: Any) -> None
     if base:
         n = storage.delete_prefix(storage.join(base, namespace, name))
         log.info("deleted %d objects of %s/%s", n, namespace, name)
-    metrics.forget(namespace, name)
+    metrics.forget(namespace, name, spec)

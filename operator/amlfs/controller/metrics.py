@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -14,7 +15,8 @@ RECONCILE_SECONDS = Histogram("amlfs_operator_reconcile_duration_seconds", "Dura
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 EPOCHS = Counter("amlfs_operator_epochs_completed", "Search epochs completed.", ["namespace", "search"])
 PODS_CREATED = Counter("amlfs_operator_pods_created", "Trainer pods created.", ["namespace", "search"])
-PODS_FAILED = Counter("amlfs_operator_pods_failed", "Trainer pods that failed, by kind.", ["reason"])
+PODS_FAILED = Counter("amlfs_operator_pods_failed", "Trainer pods that failed, by kind.",
+                      ["namespace", "search", "reason"])
 BEST_REWARD = Gauge("amlfs_operator_best_reward", "Best reward so far.", ["namespace", "search"])
 EPOCH = Gauge("amlfs_operator_epoch", "Current epoch (completed epochs).", ["namespace", "search"])
 MU = Gauge("amlfs_operator_mu", "Mean of the loss distribution, per parameter.", ["namespace", "search", "parameter"])
@@ -25,6 +27,7 @@ CURVE = Gauge("amlfs_operator_loss_curve", "The learned t and tau (the loss of m
 CURVE_X = Gauge("amlfs_operator_loss_curve_x", "Where each knot of t and tau lies.",
                 ["namespace", "search", "function", "knot"])
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+FAILURE_REASONS = ("preempted", "config", "error", "DeadlineExceeded", "Evicted")
 STATES = ("Pending", "Running", "Succeeded", "NoReward", "Failed", "ConfigError")
 
 
@@ -53,8 +56,16 @@ def observe_status(namespace: str, search: str, st: LossSearchStatus, spec: Loss
         PHASE.labels(namespace, search, phase).set(1 if st.phase == phase else 0)
 
 
-def forget(namespace: str, search: str) -> None:
-    """Drop a deleted search's series."""
-    for g in (EPOCH, BEST_REWARD):
+def forget(namespace: str, search: str, spec: LossSearchSpec) -> None:
+    """Drop every series of a deleted search, so dashboards show no stale lines."""
+    from amlfs.core import space_config
+
+    cfg = space_config(spec)
+    series: list[tuple[Any, tuple[str, ...]]] = [(EPOCH, ()), (BEST_REWARD, ()), (EPOCHS, ()), (PODS_CREATED, ())]
+    series += [(MU, (name,)) for name in get_space(spec.search.space).names(cfg)]
+    series += [(SAMPLES, (state,)) for state in STATES] + [(PHASE, (phase,)) for phase in PHASES]
+    series += [(g, (fn, str(k))) for g in (CURVE, CURVE_X) for fn in ("t", "tau") for k in range(cfg.intervals + 1)]
+    series += [(PODS_FAILED, (reason,)) for reason in FAILURE_REASONS]
+    for metric, rest in series:
         with contextlib.suppress(KeyError):
-            g.remove(namespace, search)
+            metric.remove(namespace, search, *rest)

@@ -1,7 +1,7 @@
 """Small builders of plain-dict trainer Pods, in the style of dask-kubernetes' operator.
 
-A pod runs exactly the trainer CLI contract (`amlfs-trainer`, configured by AMLFS_* environment variables),
-so the same command trains a sample in a pod and in `amlfs run`.
+A pod runs exactly the trainer CLI contract: the trainer image's entrypoint is `amlfs-trainer`, configured by
+AMLFS_* environment variables, so the same command trains a sample in a pod and in `amlfs run`.
 """
 
 from __future__ import annotations
@@ -112,7 +112,6 @@ def trainer_pod(spec: LossSearchSpec, search: str, namespace: str, a: StartSampl
                 "name": "trainer",
                 "image": spec.trainer.image,
                 "imagePullPolicy": spec.trainer.image_pull_policy,
-                "command": ["amlfs-trainer"],
                 "env": trainer_env(spec, search, namespace, a, settings),
                 "resources": {"requests": dict(limits), "limits": limits},
                 "ports": [{"name": "metrics", "containerPort": spec.trainer.metrics_port}]
@@ -132,15 +131,14 @@ def trainer_pod(spec: LossSearchSpec, search: str, namespace: str, a: StartSampl
 
 def merge_template(pod: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
     """Merge a user's partial pod into ours: maps merge recursively, lists of named items (containers,
-    volumes, volumeMounts, env) merge by name, other values from the template win. The trainer's command,
-    environment contract and identifying labels cannot be overridden."""
+    volumes, volumeMounts, env) merge by name, other values from the template win. The trainer's environment
+    contract and identifying labels cannot be overridden."""
     out = _merge(copy.deepcopy(pod), copy.deepcopy(template))
     out["metadata"]["name"] = pod["metadata"]["name"]
     out["metadata"]["namespace"] = pod["metadata"]["namespace"]
     out["metadata"]["labels"].update({k: v for k, v in pod["metadata"]["labels"].items() if k.startswith("amlfs.io/")})
     trainer = next(c for c in out["spec"]["containers"] if c["name"] == "trainer")
     ours = pod["spec"]["containers"][0]
-    trainer["command"] = ours["command"]
     names = {e["name"] for e in ours["env"]}
     trainer["env"] = ours["env"] + [e for e in trainer.get("env", []) if e["name"] not in names]
     out["spec"]["restartPolicy"] = "Never"

@@ -168,10 +168,10 @@ class Reconciler:
                     waiting = True
                     obs.append(core.Observation(st.epoch, x.index, "running", x.attempt))
             else:
-                obs.append(self._failed(st.epoch, x, pod))
+                obs.append(self._failed(p, st.epoch, x, pod))
         return obs, waiting
 
-    def _failed(self, epoch: int, x: SampleStatus, pod: dict) -> core.Observation:
+    def _failed(self, p: Pass, epoch: int, x: SampleStatus, pod: dict) -> core.Observation:
         status = pod.get("status") or {}
         reason = status.get("reason", "")
         conds = {c.get("type"): c for c in status.get("conditions") or []}
@@ -180,12 +180,13 @@ class Reconciler:
         msg = (term.get("message") or status.get("message") or reason or f"exit code {code}").strip()[-500:]
         if reason in ("Evicted", "Preempting", "Shutdown", "Terminated", "NodeLost") or (
                 conds.get("DisruptionTarget", {}).get("status") == "True"):
-            metrics.PODS_FAILED.labels(reason="preempted").inc()
+            metrics.PODS_FAILED.labels(p.namespace, p.name, "preempted").inc()
             return core.Observation(epoch, x.index, "preempted", x.attempt, message=msg)
         if code == EXIT_CONFIG:
-            metrics.PODS_FAILED.labels(reason="config").inc()
+            metrics.PODS_FAILED.labels(p.namespace, p.name, "config").inc()
             return core.Observation(epoch, x.index, "config-error", x.attempt, message=msg)
-        metrics.PODS_FAILED.labels(reason=reason or "error").inc()
+        kind = reason if reason in metrics.FAILURE_REASONS else "error"
+        metrics.PODS_FAILED.labels(p.namespace, p.name, kind).inc()
         return core.Observation(epoch, x.index, "failed", x.attempt, message=msg)
 
     def _result_file(self, root: str, epoch: int, x: SampleStatus) -> core.Observation | None:

@@ -1,0 +1,318 @@
+"""The kopf operator end to end on the real control plane: real trainer processes (process kubelet), real S3
+(SeaweedFS), real Pushgateway and Prometheus. No mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.s3 import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "digits-k8s.yaml"
+
+
+@pytest.fixture(scope="module")
+def crd(cluster):
+    cluster.kubectl("apply", "-f", str(REPO / "crds" / "losssearch.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/losssearches.amlfs.io", "--timeout=60s")
+    return "losssearches.amlfs.io"
+
+
+class Operator:
+    """The operator as a real process (`amlfs-operator`), restartable and killable."""
+
+    def __init__(self, cluster, namespace: str, monitoring, s3, logdir: Path) -> None:
+        self.cluster, self.namespace, self.logdir = cluster, namespace, logdir
+        self.env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), **s3.env())
+        self.args = [
+            sys.executable,
+            "-m",
+            "amlfs.controller.main",
+            "--namespace",
+            namespace,
+            "--pushgateway",
+            monitoring.pushgateway.url,
+            "--interval",
+            "2",
+            "--reward-timeout",
+            "20",
+            "--health-port",
+            "0",
+        ]
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> Operator:
+        self.starts += 1
+        self.metrics_port = free_port()
+        with open(self.logdir / f"operator-{self.starts}.log", "wb") as log:
+            self.proc = subprocess.Popen([*self.args, "--metrics-port", str(self.metrics_port)], env=self.env,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.logdir.glob("operator-*.log")))
+
+
+class PodWatch:
+    """Records every pod ADDED in a namespace (name -> set of uids) from a real watch."""
+
+    def __init__(self, cluster, namespace: str) -> None:
+        from kubernetes import client, watch
+
+        self.added: dict[str, set[str]] = {}
+        self._w = watch.Watch()
+        api = client.CoreV1Api(cluster.api_client)
+        self._t = threading.Thread(target=self._run, args=(api, namespace), daemon=True)
+        self._t.start()
+
+    def _run(self, api, namespace: str) -> None:
+        try:
+            for ev in self._w.stream(api.list_namespaced_pod, namespace, timeout_seconds=900):
+                if ev["type"] == "ADDED":
+                    self.added.setdefault(ev["object"].metadata.name, set()).add(ev["object"].metadata.uid)
+        except Exception:  # the namespace went away
+            pass
+
+    def stop(self) -> None:
+        self._w.stop()
+
+
+def setup_namespace(cluster, namespace: str, s3) -> None:
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "amlfs-s3",
+        "-n",
+        namespace,
+        f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
+    )
+
+
+def manifest(s3, name: str = "digits-k8s", **search) -> dict:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["metadata"]["name"] = name
+    doc["spec"]["storage"]["uri"] = f"s3://{s3.bucket}/searches"
+    doc["spec"]["storage"]["endpoint"] = s3.endpoint
+    doc["spec"]["search"].update(search)
+    return doc
+
+
+def apply(cluster, namespace: str, doc: dict) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+
+
+def get(cluster, namespace: str, name: str) -> dict:
+    return cluster.kubectl_json("get", "losssearch", name, "-n", namespace)
+
+
+def wait_phase(
+    cluster, namespace: str, name: str, phases=("Succeeded", "Failed"), timeout: float = 600, op: Operator | None = None
+) -> dict:
+    deadline = time.monotonic() + timeout
+    obj = {}
+    while time.monotonic() < deadline:
+        obj = get(cluster, namespace, name)
+        if (obj.get("status") or {}).get("phase") in phases:
+            return obj
+        time.sleep(1)
+    raise AssertionError(f"{name} not in {phases} after {timeout}s: {obj.get('status')}\n{op.log() if op else ''}")
+
+
+def history(s3, namespace: str, name: str) -> list[dict]:
+    body = s3.client().get_object(Bucket=s3.bucket, Key=f"searches/{namespace}/{name}/history.jsonl")["Body"]
+    return [json.loads(line) for line in body.read().decode().splitlines()]
+
+
+def wait_pod_exists(cluster, namespace: str, pod: str, phases: tuple[str, ...], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while cluster.kubectl("get", "pod", pod, "-n", namespace, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pod {pod} never created")
+        time.sleep(0.3)
+    cluster.wait_pod(namespace, pod, phases=phases, timeout=timeout)
+
+
+def search_pods(cluster, namespace: str, name: str) -> list[str]:
+    out = cluster.kubectl("get", "pods", "-n", namespace, "-l", f"amlfs.io/search={name}", "-o", "name")
+    return out.stdout.split()
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, crd, monitoring, s3_server, tmp_path_factory):
+    """One uninterrupted search: the full-search test checks it; the crash test compares against it."""
+    from uuid import uuid4
+
+    ns = f"ref-{uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", ns)
+    setup_namespace(cluster, ns, s3_server)
+    op = Operator(cluster, ns, monitoring, s3_server, tmp_path_factory.mktemp("op-ref")).start()
+    watch = PodWatch(cluster, ns)
+    try:
+        doc = manifest(s3_server)
+        t0 = time.monotonic()
+        apply(cluster, ns, doc)
+        obj = wait_phase(cluster, ns, doc["metadata"]["name"], op=op)
+        elapsed = time.monotonic() - t0
+        time.sleep(3)  # let the operator's last pass delete the pods
+        yield {"ns": ns, "obj": obj, "doc": doc, "op": op, "watch": watch, "elapsed": elapsed}
+    finally:
+        watch.stop()
+        op.stop()
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_full_search_from_kubectl_apply(cluster, reference, s3_server, monitoring):
+    ns, obj, name = reference["ns"], reference["obj"], reference["doc"]["metadata"]["name"]
+    st = obj["status"]
+    assert st["phase"] == "Succeeded", (st.get("message"), reference["op"].log())
+    assert st["epoch"] == 3 and len(st["history"]) == 3
+    assert any(abs(m) > 1e-6 for m in st["mu"]), "mu must have moved"
+    assert {c["type"]: c["status"] for c in st["conditions"]} == {
+        "Ready": "True",
+        "Progressing": "False",
+        "Degraded": "False",
+    }
+    # the best checkpoint exists in S3 with the recorded digest
+    import hashlib
+
+    key = st["best"]["checkpoint"].removeprefix(f"s3://{s3_server.bucket}/")
+    body = s3_server.client().get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == st["best"]["sha256"]
+    final = json.loads(
+        s3_server.client().get_object(Bucket=s3_server.bucket, Key=f"searches/{ns}/{name}/final/mu.json")["Body"].read()
+    )
+    assert final["mu"] == st["mu"]
+    hist = history(s3_server, ns, name)
+    assert [h["epoch"] for h in hist] == [0, 1, 2] and all(len(h["rewards"]) == 3 for h in hist)
+    assert all(r is not None for h in hist for r in h["rewards"])
+    # every sample ran as its own pod, none twice; all cleaned up afterwards
+    added = reference["watch"].added
+    assert sorted(added) == sorted(f"{name}-e{e}-s{s}" for e in range(3) for s in range(3))
+    assert all(len(uids) == 1 for uids in added.values())
+    assert search_pods(cluster, ns, name) == []
+    # events
+    events = cluster.kubectl_json("get", "events", "-n", ns, "--field-selector", f"involvedObject.name={name}")
+    reasons = [e["reason"] for e in events["items"]]
+    for r in ("EpochStarted", "EpochCompleted", "Promoted", "SearchSucceeded"):
+        assert r in reasons, reasons
+    assert reasons.count("EpochCompleted") == 3
+    # rewards went through the Pushgateway and its groups were removed once collected
+    groups = json.load(__import__("urllib.request").request.urlopen(f"{monitoring.pushgateway.url}/api/v1/metrics"))
+    assert not [g for g in groups["data"] if g["labels"].get("search") == name and g["labels"].get("namespace") == ns]
+    # printer columns
+    out = cluster.kubectl("get", "losssearch", name, "-n", ns).stdout
+    assert "Succeeded" in out and "3" in out
+
+
+def test_operator_killed_at_random_points_reaches_the_same_result(
+    cluster, reference, monitoring, s3_server, namespace, tmp_path
+):
+    setup_namespace(cluster, namespace, s3_server)
+    doc = reference["doc"]
+    name = doc["metadata"]["name"]
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path)
+    watch = PodWatch(cluster, namespace)
+    rng = random.Random(1234)
+    try:
+        apply(cluster, namespace, doc)
+        kills = 0
+        deadline = time.monotonic() + 600
+        while kills < 5 and time.monotonic() < deadline:
+            op.start()
+            time.sleep(rng.uniform(1.0, 8.0))
+            op.kill()
+            kills += 1
+            phase = (get(cluster, namespace, name).get("status") or {}).get("phase")
+            if phase == "Succeeded":
+                break
+        op.start()
+        obj = wait_phase(cluster, namespace, name, op=op)
+        time.sleep(3)
+    finally:
+        watch.stop()
+        op.stop()
+    assert kills >= 3, "the search finished before the operator was killed enough times"
+    ref = reference["obj"]["status"]
+    st = obj["status"]
+    assert st["phase"] == "Succeeded", op.log()
+    assert st["mu"] == ref["mu"]
+    h_ref = history(s3_server, reference["ns"], name)
+    h = history(s3_server, namespace, name)
+    assert [x["thetas"] for x in h] == [x["thetas"] for x in h_ref]
+    assert [x["sha256"] for x in h] == [x["sha256"] for x in h_ref]
+    assert st["best"]["sha256"] == ref["best"]["sha256"]
+    assert all(len(uids) == 1 for uids in watch.added.values()), watch.added
+    assert search_pods(cluster, namespace, name) == []
+
+
+def test_failed_sample_is_retried_config_error_is_not(
+    cluster, crd, monitoring, s3_server, namespace, tmp_path, process_kubelet
+):
+    setup_namespace(cluster, namespace, s3_server)
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
+    try:
+        doc = manifest(s3_server, name="retry", epochs=1, samplesPerEpoch=2)
+        apply(cluster, namespace, doc)
+        wait_pod_exists(cluster, namespace, "retry-e0-s1", ("Running",))
+        process_kubelet.fail_pod(namespace, "retry-e0-s1", exit_code=1)
+        obj = wait_phase(cluster, namespace, "retry", op=op)
+        assert obj["status"]["phase"] == "Succeeded", op.log()
+        h = history(s3_server, namespace, "retry")
+        assert h[0]["states"] == ["Succeeded", "Succeeded"]
+        events = cluster.kubectl_json("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=retry")
+        assert "SampleRetried" in [e["reason"] for e in events["items"]]
+
+        bad = manifest(s3_server, name="bad-data", epochs=1, samplesPerEpoch=2)
+        bad["spec"]["task"] = {"dataset": "cifar10", "dataRoot": str(tmp_path / "no-such-dir")}
+        apply(cluster, namespace, bad)
+        obj = wait_phase(cluster, namespace, "bad-data", op=op)
+        st = obj["status"]
+        assert st["phase"] == "Failed" and st["reason"] == "TooFewRewards"
+        degraded = next(c for c in st["conditions"] if c["type"] == "Degraded")
+        assert degraded["status"] == "True" and "task.dataRoot" in degraded["message"]
+        names = cluster.kubectl("get", "pods", "-n", namespace, "-l", "amlfs.io/search=bad-data", "-o", "name")
+        assert sorted(names.stdout.split()) == ["pod/bad-data-e0-s0", "pod/bad-data-e0-s1"]  # never retried
+    finally:
+        op.stop()
+
+
+def test_deleting_a_running_search_removes_its_pods(cluster, crd, monitoring, s3_server, namespace, tmp_path):
+    setup_namespace(cluster, namespace, s3_server)
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
+    try:
+        apply(cluster, namespace, manifest(s3_server, name="doomed", epochs=50))
+        wait_pod_exists(cluster, namespace, "doomed-e0-s0", ("Pending", "Running"))
+        cluster.kubectl("delete", "losssearch", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
+        deadline = time.monotonic() + 90
+        while search_pods(cluster, namespace, "doomed") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert search_pods(cluster, namespace, "doomed") == []
+    finally:
+        op.stop()

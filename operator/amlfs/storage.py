@@ -177,31 +177,36 @@ def copy(src: str, dst: str) -> None:
         download_file(src, Path(d.key))
 
 
-def list_prefix(uri: str) -> list[str]:
-    """URIs of every object below a prefix (recursively), sorted."""
+def list_sizes(uri: str) -> list[tuple[str, int]]:
+    """(URI, size in bytes) of every object below a prefix (recursively), sorted."""
     loc = parse(uri)
     if loc.scheme == "file":
         root = Path(loc.key)
         if not root.exists():
             return []
-        return sorted(f"file://{p}" for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+        return sorted((f"file://{p}", p.stat().st_size) for p in root.rglob("*")
+                      if p.is_file() and not p.name.endswith(".tmp"))
     prefix = loc.key.rstrip("/") + "/" if loc.key else ""
-    out: list[str] = []
+    out: list[tuple[str, int]] = []
     paginator = s3_client().get_paginator("list_objects_v2")
     pages = _s3_call(lambda: list(paginator.paginate(Bucket=loc.bucket, Prefix=prefix)))
     for page in pages:
-        out.extend(f"s3://{loc.bucket}/{o['Key']}" for o in page.get("Contents", []))
+        out.extend((f"s3://{loc.bucket}/{o['Key']}", int(o["Size"])) for o in page.get("Contents", []))
     return sorted(out)
 
 
+def list_prefix(uri: str) -> list[str]:
+    """URIs of every object below a prefix (recursively), sorted."""
+    return [u for u, _ in list_sizes(uri)]
+
+
 def download_prefix(uri: str, dest: Path) -> Path:
-    """Copy every object under a prefix into dest, keeping relative paths. Existing same-size files are kept."""
+    """Copy every object under a prefix into dest, keeping relative paths. Files already there with the same
+    size are kept (a dataset cache shared by the samples of a node)."""
     base = parse(uri).key.rstrip("/")
-    for obj in list_prefix(uri):
-        rel = parse(obj).key[len(base):].lstrip("/")
-        target = dest / rel
-        if target.exists() and parse(obj).scheme == "file" and target.stat().st_size == Path(
-                parse(obj).key).stat().st_size:
+    for obj, size in list_sizes(uri):
+        target = dest / parse(obj).key[len(base):].lstrip("/")
+        if target.exists() and target.stat().st_size == size:
             continue
         download_file(obj, target)
     return dest

@@ -1,0 +1,130 @@
+"""Trainer pod builders and the operator's reading of pods into observations (no cluster needed)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from kubernetes import client
+
+from amlfs import core, storage
+from amlfs.controller.pods import PodSettings, merge_template, pod_name, trainer_pod
+from amlfs.controller.reconcile import Pass, Reconciler, Settings
+from amlfs.controller.rewards import PushedResult
+from amlfs.spec import LossSearchSpec, spec_from_json
+from amlfs.status import Checkpoint, LossSearchStatus, SampleStatus
+
+SPEC = LossSearchSpec.model_validate({
+    "search": {"epochs": 3, "samplesPerEpoch": 2},
+    "storage": {"uri": "s3://bkt/p", "secretName": "creds", "endpoint": "http://s3:9000"},
+    "trainer": {"image": "reg/amlfs-trainer:1", "resources": {"gpu": 2, "cpu": "8", "memory": "32Gi"},
+                "podTemplate": {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "gpu", "amlfs.io/search": "x"}},
+                                "spec": {"nodeSelector": {"gpu": "h100"}, "priorityClassName": "high",
+                                         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                                         "containers": [{"name": "trainer", "env": [
+                                             {"name": "NCCL_DEBUG", "value": "INFO"},
+                                             {"name": "AMLFS_EPOCH", "value": "999"}]}]}}},
+})
+START = core.StartSample(epoch=1, sample=0, attempt=1, theta=[0.0] * 13, program={}, output="s3://bkt/p/ns/s/e",
+                         start=Checkpoint(uri="s3://bkt/p/ns/s/epoch-0000/sample-01/checkpoint.pt", sha256="ab" * 32))
+
+
+def env_of(pod: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in pod["spec"]["containers"][0]["env"]}
+
+
+def test_pod_names_are_deterministic_and_fit_label_limits():
+    assert pod_name("demo", 3, 2) == "demo-e3-s2"
+    assert pod_name("demo", 3, 2, attempt=1, restarts=2) == "demo-e3-s2-a1-r2"
+    long = "x" * 40
+    n1, n2 = pod_name(long, 12345, 255, 20, 50), pod_name(long[:-1] + "y", 12345, 255, 20, 50)
+    assert len(n1) <= 63 and n1 != n2 and n1 == pod_name(long, 12345, 255, 20, 50)
+
+
+def test_trainer_pod_carries_the_cli_contract_and_user_template():
+    pod = trainer_pod(SPEC, "s", "ns", START, PodSettings(pushgateway="http://pgw:9091"))
+    c = pod["spec"]["containers"][0]
+    env = env_of(pod)
+    assert "command" not in c  # the image's entrypoint is amlfs-trainer
+    assert spec_from_json(env["AMLFS_SPEC"]) == SPEC
+    assert (env["AMLFS_EPOCH"], env["AMLFS_SAMPLE"], env["AMLFS_ATTEMPT"]) == ("1", "0", "1")
+    assert json.loads(env["AMLFS_THETA"]) == START.theta
+    assert env["AMLFS_START"] == START.start.uri and env["AMLFS_START_SHA256"] == START.start.sha256
+    assert env["AMLFS_PUSHGATEWAY"] == "http://pgw:9091" and env["AWS_ENDPOINT_URL_S3"] == "http://s3:9000"
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "creds", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert env["NCCL_DEBUG"] == "INFO"  # user env added, contract env not overridable
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2" and c["resources"]["requests"]["cpu"] == "8"
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never" and spec["activeDeadlineSeconds"] == 3600
+    assert spec["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
+    assert spec["nodeSelector"] == {"gpu": "h100"} and spec["priorityClassName"] == "high"
+    assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    labels = pod["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu" and labels["amlfs.io/search"] == "s"
+    assert pod["metadata"]["name"] == "s-e1-s0-a1"
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(SPEC.model_dump())  # credentials never in the spec
+
+
+def test_merge_template_merges_named_lists():
+    base = {"metadata": {"name": "p", "namespace": "n", "labels": {"amlfs.io/search": "s"}},
+            "spec": {"containers": [{"name": "trainer", "env": [{"name": "A", "value": "1"}]}],
+                     "volumes": [{"name": "tmp", "emptyDir": {}}]}}
+    out = merge_template(base, {"spec": {"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "d"}}],
+                                         "containers": [{"name": "trainer", "volumeMounts": [
+                                             {"name": "data", "mountPath": "/data"}]}]}})
+    assert [v["name"] for v in out["spec"]["volumes"]] == ["tmp", "data"]
+    assert out["spec"]["containers"][0]["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert out["spec"]["containers"][0]["env"] == [{"name": "A", "value": "1"}]
+
+
+class FakeRewards:
+    def __init__(self, results: dict) -> None:
+        self.data = results
+
+    def results(self, namespace: str, search: str) -> dict:
+        return self.data
+
+
+def pod(phase: str, exit_code: int | None = None, reason: str = "", message: str = "", finished: float = 0.0,
+        conditions: list | None = None) -> dict:
+    status: dict = {"phase": phase, "reason": reason, "conditions": conditions or []}
+    if exit_code is not None:
+        status["containerStatuses"] = [{"state": {"terminated": {
+            "exitCode": exit_code, "message": message,
+            "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished or time.time()))}}}]
+    return {"metadata": {"labels": {}}, "status": status}
+
+
+def test_pods_and_rewards_become_observations(tmp_path):
+    spec = SPEC.model_copy(update={"search": SPEC.search.model_copy(update={"samplesPerEpoch": 8})})
+    thetas = [[float(i)] * 13 for i in range(8)]
+    st = LossSearchStatus(mu=[0.0] * 13, sigma=0.2, epoch=0, samples=[
+        SampleStatus(index=i, theta=thetas[i], state="Running") for i in range(8)])
+    rec = Reconciler(client.ApiClient(), Settings(reward_timeout=10))
+    rec.rewards = FakeRewards({(0, 2): PushedResult(0.75, False, "c" * 64), (0, 3): PushedResult(None, True, "")})
+    root = f"file://{tmp_path}"
+    storage.write_json(f"{root}/epoch-0000/sample-05/result.json",
+                       {"status": "ok", "reward": 0.5, "sha256": "d" * 64, "theta": thetas[5]})
+    pods = {
+        "s-e0-s0": pod("Running"),
+        "s-e0-s1": pod("Failed", 2, message="task.dataRoot: no CIFAR-10 files"),
+        "s-e0-s2": pod("Succeeded", 0),
+        "s-e0-s3": pod("Succeeded", 0),
+        "s-e0-s4": pod("Failed", 137, reason="Evicted",
+                       conditions=[{"type": "DisruptionTarget", "status": "True"}]),
+        "s-e0-s5": pod("Succeeded", 0, finished=time.time() - 60),  # no push: falls back to result.json
+        "s-e0-s6": pod("Succeeded", 0),  # no push yet, within the timeout: still waiting
+        "s-e0-s7": pod("Failed", 1, message="CUDA error"),
+    }
+    p = Pass("ns", "s", {}, spec, st)
+    obs, waiting = rec.observe(p, pods, root)
+    got = {o.sample: (o.outcome, o.reward, o.sha256) for o in obs}
+    assert got[0] == ("running", None, "")
+    assert got[1][0] == "config-error"
+    assert got[2] == ("succeeded", 0.75, "c" * 64)
+    assert got[3][0] == "no-reward"
+    assert got[4][0] == "preempted"
+    assert got[5] == ("succeeded", 0.5, "d" * 64)
+    assert got[6][0] == "running" and waiting
+    assert got[7][0] == "failed" and "CUDA error" in next(o.message for o in obs if o.sample == 7)
+    assert [e[1] for e in p.events] == ["RewardFromStorage"]

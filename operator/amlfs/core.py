@@ -35,6 +35,7 @@ from amlfs.status import (
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
+PUSH_JOB = "amlfs-trainer"  # Pushgateway job of the trainers' results (grouped by namespace, search, epoch, sample)
 MAX_UNCOUNTED_RESTARTS = 50
 
 Outcome = Literal["running", "succeeded", "no-reward", "failed", "config-error", "preempted", "absent"]

@@ -10,11 +10,11 @@ import logging
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway, start_http_server
-from prometheus_client.exposition import delete_from_gateway
+
+from amlfs.core import PUSH_JOB
 
 log = logging.getLogger(__name__)
 LABELS = ("search", "epoch", "sample")
-PUSH_JOB = "amlfs-trainer"
 
 
 class TrainerMetrics:
@@ -68,7 +68,3 @@ def push_result(gateway: str, namespace: str, search: str, epoch: int, sample: i
     push_to_gateway(gateway, job=PUSH_JOB, registry=r, grouping_key=grouping_key(namespace, search, epoch, sample),
                     timeout=10)
 
-
-def delete_result(gateway: str, namespace: str, search: str, epoch: int, sample: int) -> None:
-    delete_from_gateway(gateway, job=PUSH_JOB, grouping_key=grouping_key(namespace, search, epoch, sample),
-                        timeout=10)

@@ -17,8 +17,9 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
+from amlfs.core import PUSH_JOB
+
 log = logging.getLogger(__name__)
-JOB = "amlfs-trainer"
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class PushgatewayReader:
         out: dict[tuple[int, int], PushedResult] = {}
         for g in groups:
             lab = g.get("labels", {})
-            if lab.get("job") != JOB or lab.get("namespace") != namespace or lab.get("search") != search:
+            if lab.get("job") != PUSH_JOB or lab.get("namespace") != namespace or lab.get("search") != search:
                 continue
             try:
                 key = (int(lab["epoch"]), int(lab["sample"]))
@@ -63,7 +64,7 @@ class PushgatewayReader:
 
     def delete(self, namespace: str, search: str, epoch: int, sample: int) -> None:
         path = "/".join(f"{k}/{urllib.parse.quote(v, safe='')}" for k, v in (
-            ("job", JOB), ("namespace", namespace), ("search", search), ("epoch", str(epoch)),
+            ("job", PUSH_JOB), ("namespace", namespace), ("search", search), ("epoch", str(epoch)),
             ("sample", str(sample))))
         req = urllib.request.Request(f"{self.url}/metrics/{path}", method="DELETE")
         try:

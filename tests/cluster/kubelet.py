@@ -1064,6 +1064,18 @@ class ProcessKubelet:
             out.append((src, m["mountPath"], ro))
         return out
 
+    def _keep_visible(self) -> list[Path]:
+        """Host directories pods must see whatever they mount: the Python environment and base
+        interpreter, this checkout (editable installs import from it) and the kubelet's own pod dirs."""
+        paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(__file__).resolve().parents[2],
+                 self.workdir.resolve()}
+        # outermost first, and no path inside another kept one
+        out: list[Path] = []
+        for p in sorted(paths, key=lambda p: len(p.parts)):
+            if p.is_dir() and not any(_is_within(p, o) for o in out):
+                out.append(p)
+        return out
+
     def _mount_wrapper(self, c: Container, mounts: list[tuple[Path, str, bool]], argv: list[str]) -> list[str]:
         """argv run in a private mount namespace (``unshare --mount``; needs
         root) with the volumes bind-mounted at their mountPath and the
@@ -1083,6 +1095,12 @@ class ProcessKubelet:
             lines.append(f"exec {fds[i]}<{q(str(src))}")
         term_fd = 10 + len(ordered)
         lines.append(f"exec {term_fd}<>{q(str(c.term_file))}")
+        # Host paths the pod's programs live in (the venv, the checkout, the pod dirs) stay visible even when a
+        # volume is mounted over one of their ancestors (an emptyDir at /tmp with the checkout under /tmp).
+        keep = [k for k in self._keep_visible() if any(_is_within(k, Path(dst)) for _s, dst, _ro in ordered)]
+        keep_fds = {k: term_fd + 1 + j for j, k in enumerate(keep)}
+        for k, fd in keep_fds.items():
+            lines.append(f"exec {fd}<{q(str(k))}")
         for i, (src, dst, ro) in enumerate(ordered):
             if src.is_dir():
                 lines.append(f"[ -e {q(dst)} ] || mkdir -p {q(dst)}")
@@ -1091,6 +1109,9 @@ class ProcessKubelet:
             lines.append(f"mount --no-canonicalize --bind /proc/self/fd/{fds[i]} {q(dst)}")
             if ro:
                 lines.append(f"mount -o remount,bind,ro {q(dst)}")
+        for k, fd in keep_fds.items():
+            lines.append(f"mkdir -p {q(str(k))}")
+            lines.append(f"mount --no-canonicalize --bind /proc/self/fd/{fd} {q(str(k))}")
         term_dir = str(Path(IN_POD_TERMINATION_LOG).parent)
         lines += [
             f"mkdir -p {q(term_dir)}",
@@ -1102,7 +1123,7 @@ class ProcessKubelet:
         lines.append(
             f"if [ -f {q(term_path)} ]; then mount --no-canonicalize --bind /proc/self/fd/{term_fd} {q(term_path)}; fi"
         )
-        lines += [f"exec {fd}<&-" for fd in [*fds.values(), term_fd]]
+        lines += [f"exec {fd}<&-" for fd in [*fds.values(), term_fd, *keep_fds.values()]]
         lines.append('exec "$@"')
         return [
             "unshare",
@@ -1752,3 +1773,12 @@ def _pod_requests(pod: dict) -> dict[str, float]:
         for k, v in reqs(c).items():
             total[k] = max(total.get(k, 0), v)
     return total
+
+
+def _is_within(path: Path, ancestor: Path) -> bool:
+    """path is ancestor or lies below it."""
+    try:
+        path.relative_to(ancestor)
+        return True
+    except ValueError:
+        return False

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from amlfs import core, storage
+from amlfs import core, effects, storage
 from amlfs.spec import LossSearch, LossSearchSpec, SpecError
 from amlfs.status import LossSearchStatus
 
@@ -145,7 +145,7 @@ class LocalRunner:
                 obs.append(self._finished(status.epoch, x.index, p, rc))
                 continue
             if x.state in ("Pending", "Running"):
-                done = self._read_result(status.epoch, x.index, x.theta, x.attempt)
+                done = effects.read_result(self.root, status.epoch, x.index, x.attempt, x.theta)
                 if done is not None:
                     obs.append(done)
                 elif x.state == "Running":
@@ -154,7 +154,7 @@ class LocalRunner:
 
     def _finished(self, epoch: int, sample: int, p: Proc, rc: int) -> core.Observation:
         if rc == 0:
-            done = self._read_result(epoch, sample, None, p.attempt)
+            done = effects.read_result(self.root, epoch, sample, p.attempt)
             if done is not None:
                 return done
             return core.Observation(epoch, sample, "failed", p.attempt, message="exited 0 without result.json")
@@ -166,33 +166,12 @@ class LocalRunner:
             return core.Observation(epoch, sample, "preempted", p.attempt, message=f"killed by signal {-rc}")
         return core.Observation(epoch, sample, "failed", p.attempt, message=f"exit code {rc}: {tail}")
 
-    def _read_result(self, epoch: int, sample: int, theta: list[float] | None,
-                     attempt: int) -> core.Observation | None:
-        layout = core.Layout(self.root)
-        uri = f"{layout.sample_dir(epoch, sample)}/{core.RESULT}"
-        try:
-            r = storage.read_json(uri)
-        except storage.NotFound:
-            return None
-        except (storage.StorageError, ValueError):
-            return None  # half-visible or corrupt result: the sample will be re-run
-        if theta is not None and r.get("theta") != theta:
-            return None  # left over from another search in the same place
-        outcome = "succeeded" if r.get("status") == "ok" else "no-reward"
-        return core.Observation(epoch, sample, outcome, attempt, reward=r.get("reward"),
-                                sha256=r.get("sha256", ""), message=r.get("message", ""))
-
     def apply(self, action: core.Action) -> None:
+        effects.apply_storage(action)
         if isinstance(action, core.Promote):
-            for target in action.targets:
-                for name in (core.CHECKPOINT, core.RESULT):
-                    storage.copy(f"{action.source}/{name}", f"{target}/{name}")
             self.on_event("promote", {"epoch": action.epoch, "sample": action.sample, "targets": action.targets})
         elif isinstance(action, core.AppendHistory):
-            storage.append_jsonl(action.uri, action.record)
             self.on_event("epoch", action.record)
-        elif isinstance(action, core.WriteJson):
-            storage.write_json(action.uri, action.data)
         elif isinstance(action, core.Finished):
             self.on_event("finished", {"phase": action.phase, "message": action.message})
 

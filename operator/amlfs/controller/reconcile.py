@@ -24,7 +24,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from amlfs import core, storage
+from amlfs import core, effects, storage
 from amlfs.controller import metrics
 from amlfs.controller.pods import LABEL_EPOCH, LABEL_SEARCH, PodSettings, pod_name, trainer_pod
 from amlfs.controller.rewards import PushedResult, PushgatewayReader
@@ -141,7 +141,7 @@ class Reconciler:
             pod = pods.get(pod_name(p.name, st.epoch, x.index, x.attempt, x.restarts))
             if pod is None:
                 if x.state == "Running":
-                    done = self._result_file(root, st.epoch, x)
+                    done = effects.read_result(root, st.epoch, x.index, x.attempt, x.theta)
                     obs.append(done or core.Observation(st.epoch, x.index, "absent", x.attempt))
                 continue
             phase = (pod.get("status") or {}).get("phase", "Pending")
@@ -155,7 +155,7 @@ class Reconciler:
                     obs.append(core.Observation(st.epoch, x.index, "no-reward" if got.diverged else "succeeded",
                                                 x.attempt, reward=got.reward, sha256=got.sha256))
                 elif self.clock() - _finished_at(pod) >= self.settings.reward_timeout:
-                    done = self._result_file(root, st.epoch, x)
+                    done = effects.read_result(root, st.epoch, x.index, x.attempt, x.theta)
                     if done is not None:
                         p.events.append(("Warning", "RewardFromStorage",
                                          f"epoch {st.epoch} sample {x.index}: no reward on the Pushgateway after "
@@ -189,34 +189,17 @@ class Reconciler:
         metrics.PODS_FAILED.labels(p.namespace, p.name, kind).inc()
         return core.Observation(epoch, x.index, "failed", x.attempt, message=msg)
 
-    def _result_file(self, root: str, epoch: int, x: SampleStatus) -> core.Observation | None:
-        uri = f"{core.Layout(root).sample_dir(epoch, x.index)}/{core.RESULT}"
-        try:
-            r = storage.read_json(uri)
-        except (storage.StorageError, ValueError):
-            return None
-        if r.get("theta") != x.theta:
-            return None
-        kind = "succeeded" if r.get("status") == "ok" else "no-reward"
-        return core.Observation(epoch, x.index, kind, x.attempt, reward=r.get("reward"), sha256=r.get("sha256", ""),
-                                message=r.get("message", ""))
-
     # --- actions ------------------------------------------------------------------------------
 
     def _apply(self, p: Pass, a: core.Action) -> None:
+        effects.apply_storage(a)
         if isinstance(a, core.Promote):
-            for target in a.targets:
-                for fname in (core.CHECKPOINT, core.RESULT):
-                    storage.copy(f"{a.source}/{fname}", f"{target}/{fname}")
             p.events.append(("Normal", "Promoted", f"epoch {a.epoch} sample {a.sample} -> {', '.join(a.targets)}"))
         elif isinstance(a, core.AppendHistory):
-            storage.append_jsonl(a.uri, a.record)
             r = a.record
             p.events.append(("Normal", "EpochCompleted", f"epoch {r['epoch']}: best reward {r['bestReward']:.4f} "
                                                          f"(sample {r['best']}), mean {r['meanReward']:.4f}"))
             metrics.EPOCHS.labels(namespace=p.namespace, search=p.name).inc()
-        elif isinstance(a, core.WriteJson):
-            storage.write_json(a.uri, a.data)
         elif isinstance(a, core.Finished):
             p.events.append(("Normal" if a.phase == "Succeeded" else "Warning", f"Search{a.phase}", a.message))
 

@@ -25,12 +25,25 @@ def main() -> int:
     ckpt = json.dumps({"epoch": int(e["AMLFS_EPOCH"]) + 1, "theta": theta}).encode()
     storage.write_bytes(f"{out}/checkpoint.pt", ckpt)
     reward = 1.0 / (1.0 + sum((t - 0.3) ** 2 for t in theta))
-    result = {"status": "ok", "reward": reward, "theta": theta, "sha256": hashlib.sha256(ckpt).hexdigest(),
-              "checkpoint": f"{out}/checkpoint.pt", "epoch": int(e["AMLFS_EPOCH"]), "sample": int(e["AMLFS_SAMPLE"]),
-              "timings": {"total": 0.0}}
+    result = {
+        "status": "ok",
+        "reward": reward,
+        "theta": theta,
+        "sha256": hashlib.sha256(ckpt).hexdigest(),
+        "checkpoint": f"{out}/checkpoint.pt",
+        "epoch": int(e["AMLFS_EPOCH"]),
+        "sample": int(e["AMLFS_SAMPLE"]),
+        "timings": {"total": 0.0},
+    }
     if e.get("AMLFS_PUSHGATEWAY"):
-        push_result(e["AMLFS_PUSHGATEWAY"], e.get("AMLFS_NAMESPACE", "default"), e["AMLFS_SEARCH"],
-                    int(e["AMLFS_EPOCH"]), int(e["AMLFS_SAMPLE"]), result)
+        push_result(
+            e["AMLFS_PUSHGATEWAY"],
+            e.get("AMLFS_NAMESPACE", "default"),
+            e["AMLFS_SEARCH"],
+            int(e["AMLFS_EPOCH"]),
+            int(e["AMLFS_SAMPLE"]),
+            result,
+        )
     result["pushedAt"] = time.time()
     storage.write_bytes(f"{out}/result.json", json.dumps(result).encode())
     return 0

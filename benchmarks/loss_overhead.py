@@ -89,6 +89,7 @@ def train_step_timings(args: argparse.Namespace, device: torch.device, crits: di
                 loss = crit(model(x), y)
             loss.backward()
             opt.step()
+
         return step
 
     steps = {name: make_step(crit) for name, crit in crits.items()}
@@ -115,6 +116,7 @@ def loss_alone_timings(args: argparse.Namespace, device: torch.device, crits: di
         def run() -> None:
             for _ in range(reps):
                 crit(z, y).backward()
+
         return run
 
     runs = {name: make(crit) for name, crit in crits.items()}
@@ -137,8 +139,21 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-_FREE = {"view", "_unsafe_view", "unsqueeze", "squeeze", "select", "slice", "unbind", "t", "expand",
-         "detach", "alias", "as_strided", "_to_copy_noop"}
+_FREE = {
+    "view",
+    "_unsafe_view",
+    "unsqueeze",
+    "squeeze",
+    "select",
+    "slice",
+    "unbind",
+    "t",
+    "expand",
+    "detach",
+    "alias",
+    "as_strided",
+    "_to_copy_noop",
+}
 
 
 def op_counts(args: argparse.Namespace, crits: dict[str, Loss]) -> dict[str, tuple[int, int]]:
@@ -158,8 +173,9 @@ def op_counts(args: argparse.Namespace, crits: dict[str, Loss]) -> dict[str, tup
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (median); "
-                        "default 6 on CPU, 100 on CUDA")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per variant (median); default 6 on CPU, 100 on CUDA"
+    )
     parser.add_argument("--warmup", type=int, default=None, help="default 1 on CPU, 20 on CUDA")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--head", choices=("linear", "cosine"), default="linear")
@@ -177,23 +193,32 @@ def main(argv: list[str] | None = None) -> None:
 
     crits = losses(args.head, args.scale, device, args.seed)
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {name}, torch {torch.__version__}, batch {args.batch}, head {args.head}, "
-          f"{args.steps} timed steps (median), {'bf16 autocast + channels_last' if cuda else 'float32'}")
+    print(
+        f"device {name}, torch {torch.__version__}, batch {args.batch}, head {args.head}, "
+        f"{args.steps} timed steps (median), {'bf16 autocast + channels_last' if cuda else 'float32'}"
+    )
 
     amlfs = crits["amlfs"]
-    pieces = ("identity" if getattr(amlfs, "tau_identity", False) else
-              "all positive" if getattr(amlfs, "tau_all_pos", False) else
-              "ratio form" if getattr(amlfs, "tau_ratio", False) else "mixed")
+    pieces = (
+        "identity"
+        if getattr(amlfs, "tau_identity", False)
+        else "all positive"
+        if getattr(amlfs, "tau_all_pos", False)
+        else "ratio form"
+        if getattr(amlfs, "tau_ratio", False)
+        else "mixed"
+    )
     print(f"amlfs program: M = 6, monotone, theta ~ N(identity, 0.2^2); tau pieces: {pieces}")
     step = train_step_timings(args, device, crits)
     alone = loss_alone_timings(args, device, crits)
     ops = op_counts(args, crits)
-    print(f"{'loss':<16}{'step ms':>10}{'img/s':>10}{'overhead':>10}{'loss alone us':>15}"
-          f"{'aten ops (non-view)':>22}")
+    print(f"{'loss':<16}{'step ms':>10}{'img/s':>10}{'overhead':>10}{'loss alone us':>15}{'aten ops (non-view)':>22}")
     for key in crits:
         over = 100.0 * (step[key] / step["ce"] - 1.0)
-        print(f"{key:<16}{1e3 * step[key]:>10.2f}{args.batch / step[key]:>10.0f}{over:>+9.1f}%"
-              f"{1e6 * alone[key]:>15.1f}{ops[key][0]:>14d} ({ops[key][1]})")
+        print(
+            f"{key:<16}{1e3 * step[key]:>10.2f}{args.batch / step[key]:>10.0f}{over:>+9.1f}%"
+            f"{1e6 * alone[key]:>15.1f}{ops[key][0]:>14d} ({ops[key][1]})"
+        )
 
 
 if __name__ == "__main__":

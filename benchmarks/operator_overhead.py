@@ -44,23 +44,46 @@ def main() -> None:
         os.environ.update(s3.env())  # the process kubelet's pods inherit these (no Secret needed here)
         os.environ["AMLFS_FAKE_SLEEP"] = str(args.sleep)
         cp = ControlPlane(workdir=base / "cp").start()
-        kubelet = ProcessKubelet(cp.kubelet_kubeconfig, workdir=base / "kubelet", gpus=8, ca_file=cp.ca_file,
-                                 image_commands={"amlfs-fake-trainer": [sys.executable,
-                                                                        str(REPO / "benchmarks" / "fake_trainer.py")]})
+        kubelet = ProcessKubelet(
+            cp.kubelet_kubeconfig,
+            workdir=base / "kubelet",
+            gpus=8,
+            ca_file=cp.ca_file,
+            image_commands={"amlfs-fake-trainer": [sys.executable, str(REPO / "benchmarks" / "fake_trainer.py")]},
+        )
         kubelet.start()
         mon = Monitoring(workdir=base / "mon").start()
         op = None
         try:
             kubectl = [str(cp.kubectl_path), f"--kubeconfig={cp.kubeconfig}"]
-            subprocess.run([*kubectl, "apply", "-f", str(REPO / "crds" / "losssearch.yaml")], check=True,
-                           capture_output=True)
-            subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/losssearches.amlfs.io"],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [*kubectl, "apply", "-f", str(REPO / "crds" / "losssearch.yaml")], check=True, capture_output=True
+            )
+            subprocess.run(
+                [*kubectl, "wait", "--for=condition=Established", "crd/losssearches.amlfs.io"],
+                check=True,
+                capture_output=True,
+            )
             env = dict(os.environ, KUBECONFIG=str(cp.kubeconfig), **s3.env())
             with open(base / "operator.log", "wb") as oplog:
-                op = subprocess.Popen([sys.executable, "-m", "amlfs.controller.main", "--namespace", "default",
-                                       "--pushgateway", mon.pushgateway.url, "--metrics-port", "0",
-                                       "--health-port", "0"], env=env, stdout=oplog, stderr=subprocess.STDOUT)
+                op = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "amlfs.controller.main",
+                        "--namespace",
+                        "default",
+                        "--pushgateway",
+                        mon.pushgateway.url,
+                        "--metrics-port",
+                        "0",
+                        "--health-port",
+                        "0",
+                    ],
+                    env=env,
+                    stdout=oplog,
+                    stderr=subprocess.STDOUT,
+                )
             config.load_kube_config(str(cp.kubeconfig))
             core = client.CoreV1Api()
             first_seen: dict[int, float] = {}
@@ -79,14 +102,24 @@ def main() -> None:
                     pass
 
             threading.Thread(target=record, daemon=True).start()
-            doc = {"apiVersion": "amlfs.io/v1alpha1", "kind": "LossSearch", "metadata": {"name": "overhead"},
-                   "spec": {"search": {"epochs": args.epochs, "samplesPerEpoch": args.samples},
-                            "storage": {"uri": f"s3://{s3.bucket}/bench", "endpoint": s3.endpoint},
-                            "trainer": {"image": "amlfs-fake-trainer", "metricsPort": 0,
-                                        "resources": {"gpu": 0, "cpu": "100m", "memory": "64Mi"}}}}
+            doc = {
+                "apiVersion": "amlfs.io/v1alpha1",
+                "kind": "LossSearch",
+                "metadata": {"name": "overhead"},
+                "spec": {
+                    "search": {"epochs": args.epochs, "samplesPerEpoch": args.samples},
+                    "storage": {"uri": f"s3://{s3.bucket}/bench", "endpoint": s3.endpoint},
+                    "trainer": {
+                        "image": "amlfs-fake-trainer",
+                        "metricsPort": 0,
+                        "resources": {"gpu": 0, "cpu": "100m", "memory": "64Mi"},
+                    },
+                },
+            }
             t0 = time.time()
-            subprocess.run([*kubectl, "apply", "-f", "-"], input=yaml.safe_dump(doc).encode(), check=True,
-                           capture_output=True)
+            subprocess.run(
+                [*kubectl, "apply", "-f", "-"], input=yaml.safe_dump(doc).encode(), check=True, capture_output=True
+            )
             api = client.CustomObjectsApi()
             while True:
                 obj = api.get_namespaced_custom_object("amlfs.io", "v1alpha1", "default", "losssearches", "overhead")
@@ -103,8 +136,9 @@ def main() -> None:
             for e in range(1, args.epochs):
                 pushed = []
                 for s in range(args.samples):
-                    body = c.get_object(Bucket=s3.bucket, Key=f"bench/default/overhead/epoch-{e - 1:04d}/"
-                                                              f"sample-{s:02d}/result.json")["Body"].read()
+                    body = c.get_object(
+                        Bucket=s3.bucket, Key=f"bench/default/overhead/epoch-{e - 1:04d}/sample-{s:02d}/result.json"
+                    )["Body"].read()
                     pushed.append(json.loads(body).get("pushedAt", float("nan")))
                 overheads.append(first_seen[e] - max(pushed))
                 creates.append(last_seen[e] - max(pushed))
@@ -114,12 +148,17 @@ def main() -> None:
                 op.wait(timeout=20)
             for thing in (s3, mon, kubelet, cp):
                 thing.stop()
-    print(f"{args.epochs} epochs x {args.samples} fake samples ({args.sleep:.1f}s each), total {total:.1f}s, "
-          f"phase {obj['status']['phase']}")
-    print(f"last reward -> first pod of next epoch: median {statistics.median(overheads):.3f}s, "
-          f"max {max(overheads):.3f}s")
-    print(f"last reward -> all {args.samples} pods of next epoch: median {statistics.median(creates):.3f}s, "
-          f"max {max(creates):.3f}s")
+    print(
+        f"{args.epochs} epochs x {args.samples} fake samples ({args.sleep:.1f}s each), total {total:.1f}s, "
+        f"phase {obj['status']['phase']}"
+    )
+    print(
+        f"last reward -> first pod of next epoch: median {statistics.median(overheads):.3f}s, max {max(overheads):.3f}s"
+    )
+    print(
+        f"last reward -> all {args.samples} pods of next epoch: median {statistics.median(creates):.3f}s, "
+        f"max {max(creates):.3f}s"
+    )
     print(f"ratio to the 1 s target: {statistics.median(creates) / 1.0:.2f}")
 
 

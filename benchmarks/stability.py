@@ -35,11 +35,17 @@ ARMS = {
 
 
 def manifest(name: str, epochs: int, samples: int, seed: int, search: dict, dataset: str, model: str) -> dict:
-    return {"apiVersion": "amlfs.io/v1alpha1", "kind": "LossSearch", "metadata": {"name": name},
-            "spec": {"task": {"dataset": dataset, "batchSize": 128},
-                     "model": {"name": model, "width": 32},
-                     "optimizer": {"name": "sgd", "lr": 0.05, "weightDecay": 5e-4, "schedule": "cosine"},
-                     "search": {"epochs": epochs, "samplesPerEpoch": samples, "seed": seed, **search}}}
+    return {
+        "apiVersion": "amlfs.io/v1alpha1",
+        "kind": "LossSearch",
+        "metadata": {"name": name},
+        "spec": {
+            "task": {"dataset": dataset, "batchSize": 128},
+            "model": {"name": model, "width": 32},
+            "optimizer": {"name": "sgd", "lr": 0.05, "weightDecay": 5e-4, "schedule": "cosine"},
+            "search": {"epochs": epochs, "samplesPerEpoch": samples, "seed": seed, **search},
+        },
+    }
 
 
 def final_test_accuracy(root: str) -> float:
@@ -54,8 +60,22 @@ def run_ce(work: Path, m: dict, device: str) -> float:
     start, sha, result = "", "", {}
     for e in range(m["spec"]["search"]["epochs"]):
         out = f"file://{work}/ce/epoch-{e:04d}"
-        argv = ["--spec", f"@{spec_file}", "--search", "ce", "--epoch", str(e), "--sample", "0", "--output", out,
-                "--device", device, "--cache-dir", str(work / ".cache")]
+        argv = [
+            "--spec",
+            f"@{spec_file}",
+            "--search",
+            "ce",
+            "--epoch",
+            str(e),
+            "--sample",
+            "0",
+            "--output",
+            out,
+            "--device",
+            device,
+            "--cache-dir",
+            str(work / ".cache"),
+        ]
         if start:
             argv += ["--start", start, "--start-sha256", sha]
         if trainer_main(argv) != 0:
@@ -88,13 +108,13 @@ def main() -> None:
                 if arm == "ce":
                     acc = run_ce(work / name, m, args.device)
                 else:
-                    runner = LocalRunner(parse_manifest(m), work, device=args.device, inline=True,
-                                         cache_dir=work / ".cache")
+                    runner = LocalRunner(
+                        parse_manifest(m), work, device=args.device, inline=True, cache_dir=work / ".cache"
+                    )
                     status = runner.run()
                     acc = final_test_accuracy(runner.root) if status.phase == "Succeeded" else float("nan")
                 results[arm].append(acc)
-                print(f"seed {seed} {arm:15s} test accuracy {acc:.4f}  ({time.perf_counter() - t0:.0f}s)",
-                      flush=True)
+                print(f"seed {seed} {arm:15s} test accuracy {acc:.4f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
     base = statistics.mean(results["selection-only"]) if "selection-only" in results else None
     print(f"\n{args.dataset}/{args.model}, {args.epochs} epochs, B={args.samples}, {args.seeds} seeds")
     print(f"{'arm':15s} {'mean':>7s} {'std':>7s} {'vs selection-only':>18s}  per seed")

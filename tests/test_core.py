@@ -203,22 +203,26 @@ def test_suspend_and_raise_epochs_on_a_finished_search():
     assert st.phase == "Suspended" and acts == []
     st, acts = core.step(spec, st, [], ROOT)
     assert st.phase == "Running" and len([a for a in acts if isinstance(a, core.StartSample)]) == 4
-    st, acts = core.step(spec, st, [core.Observation(1, i, "succeeded", reward=0.5, sha256="y") for i in range(4)],
-                         ROOT)
+    st, acts = core.step(
+        spec, st, [core.Observation(1, i, "succeeded", reward=0.5, sha256="y") for i in range(4)], ROOT
+    )
     assert st.phase == "Succeeded" and st.epoch == 2
     more = spec.model_copy(update={"search": spec.search.model_copy(update={"epochs": 3})})
     st, acts = core.step(more, st, [], ROOT)
     assert st.phase == "Running" and st.epoch == 2
     assert {a.start.uri for a in acts if isinstance(a, core.StartSample)} == {
-        f"{ROOT}/epoch-0001/sample-00/checkpoint.pt"}
+        f"{ROOT}/epoch-0001/sample-00/checkpoint.pt"
+    }
 
 
 def test_selection_only_uses_the_init_loss_for_every_sample_and_never_moves_mu():
     spec = make_spec(mode="selection-only", epochs=3)
     status, actions, _started = run_search(spec, lambda th, e, s: float(s))
     starts = [a for a in actions if isinstance(a, core.StartSample)]
-    assert all(a.program == {"kind": "preset", "name": "softmax", "margin": 0.35, "gamma": 2.0,
-                             "labelSmoothing": 0.0} for a in starts)
+    assert all(
+        a.program == {"kind": "preset", "name": "softmax", "margin": 0.35, "gamma": 2.0, "labelSmoothing": 0.0}
+        for a in starts
+    )
     assert status.mu == [0.0] * len(status.mu)
     assert status.best.sample == 3
 
@@ -227,8 +231,7 @@ def test_status_stays_bounded_for_the_largest_spec():
     spec = make_spec(samplesPerEpoch=256, intervals=64, parameterization="paper", epochs=100)
     st, _ = core.step(spec, None, [], ROOT)
     for _ in range(25):  # fill the history to its limit
-        obs = [core.Observation(st.epoch, i, "succeeded", reward=0.5 + i * 1e-3, sha256="a" * 64)
-               for i in range(256)]
+        obs = [core.Observation(st.epoch, i, "succeeded", reward=0.5 + i * 1e-3, sha256="a" * 64) for i in range(256)]
         st, _ = core.step(spec, st, obs, ROOT)
     size = len(json.dumps(st.to_json_dict()))
     assert len(st.history) == 20
@@ -236,9 +239,11 @@ def test_status_stays_bounded_for_the_largest_spec():
 
 
 def test_core_imports_without_torch_and_operator_stays_the_stdlib():
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['boto3'] = None\n"
-            "import amlfs.core, amlfs.runner, amlfs.cli, amlfs.spaces, amlfs.report\n"
-            "import operator; assert operator.add(1, 2) == 3 and 'site-packages' not in operator.__file__\n"
-            "print('ok')")
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['boto3'] = None\n"
+        "import amlfs.core, amlfs.runner, amlfs.cli, amlfs.spaces, amlfs.report\n"
+        "import operator; assert operator.add(1, 2) == 3 and 'site-packages' not in operator.__file__\n"
+        "print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"

@@ -20,11 +20,35 @@ CHECKED_IN = ROOT / "crds" / "losssearch.yaml"
 #: keywords a structural schema node may carry (apiextensions.k8s.io/v1 JSONSchemaProps, minus what
 #: structural schemas forbid or this project never needs: $ref, anyOf/allOf/oneOf/not, definitions, ...)
 ALLOWED = {
-    "type", "format", "description", "default", "enum", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum", "pattern", "minLength", "maxLength", "minItems", "maxItems", "minProperties",
-    "maxProperties", "multipleOf", "required", "nullable", "properties", "items", "additionalProperties",
-    "example", "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-list-type",
-    "x-kubernetes-list-map-keys", "x-kubernetes-map-type", "x-kubernetes-int-or-string",
+    "type",
+    "format",
+    "description",
+    "default",
+    "enum",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "minProperties",
+    "maxProperties",
+    "multipleOf",
+    "required",
+    "nullable",
+    "properties",
+    "items",
+    "additionalProperties",
+    "example",
+    "x-kubernetes-validations",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-map-type",
+    "x-kubernetes-int-or-string",
     "x-kubernetes-embedded-resource",
 }
 TYPES = {"object", "array", "string", "integer", "number", "boolean"}
@@ -57,8 +81,13 @@ def structural_problems(node: Any, path: str = "") -> list[str]:
             problems.append(f"{where}: properties and additionalProperties are mutually exclusive")
         if node.get("additionalProperties") in (False, True):
             problems.append(f"{where}: additionalProperties must be a schema")
-    if typ == "object" and path != ".metadata" and not ("properties" in node or "additionalProperties" in node
-                                or node.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        typ == "object"
+        and path != ".metadata"
+        and not (
+            "properties" in node or "additionalProperties" in node or node.get("x-kubernetes-preserve-unknown-fields")
+        )
+    ):
         problems.append(f"{where}: object without properties, additionalProperties or preserve-unknown-fields")
     if typ == "array" and "items" not in node:
         problems.append(f"{where}: array without items")
@@ -107,7 +136,8 @@ def schema() -> dict:
 
 def test_checked_in_yaml_is_current():
     assert CHECKED_IN.read_text() == crd.render_yaml(), (
-        "crds/losssearch.yaml is stale: regenerate with `python -m amlfs.crd > crds/losssearch.yaml`")
+        "crds/losssearch.yaml is stale: regenerate with `python -m amlfs.crd > crds/losssearch.yaml`"
+    )
 
 
 def test_render_is_stable_and_headed():
@@ -123,8 +153,14 @@ def test_names_scope_columns_and_subresource():
     assert c["metadata"]["name"] == "losssearches.amlfs.io"
     spec = c["spec"]
     assert spec["group"] == "amlfs.io" and spec["scope"] == "Namespaced"
-    assert spec["names"] == {"kind": "LossSearch", "listKind": "LossSearchList", "plural": "losssearches",
-                             "singular": "losssearch", "shortNames": ["lfs"], "categories": ["amlfs"]}
+    assert spec["names"] == {
+        "kind": "LossSearch",
+        "listKind": "LossSearchList",
+        "plural": "losssearches",
+        "singular": "losssearch",
+        "shortNames": ["lfs"],
+        "categories": ["amlfs"],
+    }
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
@@ -145,22 +181,28 @@ def test_schema_is_structural(schema):
 
 
 def test_structural_checker_catches_problems():
-    bad = {"type": "object", "properties": {
-        "a": {"$ref": "#/x"},
-        "b": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-        "c": {"type": "number", "exclusiveMinimum": 0},
-        "d": {"type": "object", "additionalProperties": False, "properties": {}},
-        "e": {"type": "object"},
-        "f": {"type": "string", "title": "F"},
-    }}
+    bad = {
+        "type": "object",
+        "properties": {
+            "a": {"$ref": "#/x"},
+            "b": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "c": {"type": "number", "exclusiveMinimum": 0},
+            "d": {"type": "object", "additionalProperties": False, "properties": {}},
+            "e": {"type": "object"},
+            "f": {"type": "string", "title": "F"},
+        },
+    }
     problems = "\n".join(structural_problems(bad))
     for field in ("a", "b", "c", "d", "e", "f"):
         assert f".{field}:" in problems
 
 
 def test_every_spec_field_has_a_description(schema):
-    missing = [path for path, node in walk(schema["properties"]["spec"], ".spec")
-               if not path.endswith("[]") and not node.get("description", "").strip()]
+    missing = [
+        path
+        for path, node in walk(schema["properties"]["spec"], ".spec")
+        if not path.endswith("[]") and not node.get("description", "").strip()
+    ]
     assert missing == [], f"add a description= to these fields in amlfs/spec.py: {missing}"
 
 
@@ -168,8 +210,13 @@ def test_spec_fields_match_the_models(schema):
     spec = schema["properties"]["spec"]
     assert set(spec["properties"]) == {f.alias for f in LossSearchSpec.model_fields.values()}
     search = spec["properties"]["search"]["properties"]
-    assert search["samplesPerEpoch"] == {**search["samplesPerEpoch"], "type": "integer", "minimum": 2,
-                                         "maximum": 256, "default": 4}
+    assert search["samplesPerEpoch"] == {
+        **search["samplesPerEpoch"],
+        "type": "integer",
+        "minimum": 2,
+        "maximum": 256,
+        "default": 4,
+    }
     assert search["sigma"]["minimum"] == 0.0 and search["sigma"]["exclusiveMinimum"] is True
     assert search["space"]["enum"] == ["amlfs", "search-softmax"]
     task = spec["properties"]["task"]["properties"]
@@ -206,8 +253,14 @@ def test_status_schema(schema):
     cond = props["conditions"]
     assert cond["x-kubernetes-list-type"] == "map" and cond["x-kubernetes-list-map-keys"] == ["type"]
     item = cond["items"]
-    assert set(item["properties"]) == {"type", "status", "reason", "message", "lastTransitionTime",
-                                       "observedGeneration"}
+    assert set(item["properties"]) == {
+        "type",
+        "status",
+        "reason",
+        "message",
+        "lastTransitionTime",
+        "observedGeneration",
+    }
     assert set(item["required"]) >= {"type", "status", "lastTransitionTime"}
     assert item["properties"]["status"]["enum"] == ["True", "False", "Unknown"]
     assert item["properties"]["lastTransitionTime"]["format"] == "date-time"
@@ -221,9 +274,17 @@ def test_cel_rules_name_the_field_and_the_fix(schema):
         assert re.match(r"^(spec|metadata)\.", r["message"]), (path, r)
         assert re.search(r"; (set|use|fix|lower|delete|correct)", r["message"]), (path, r)
     immutable = {path for path, r in rules if r["rule"] == "self == oldSelf"}
-    assert immutable == {".spec.task", ".spec.model", ".spec.search.space", ".spec.search.parameterization",
-                         ".spec.search.intervals", ".spec.search.mode", ".spec.search.seed", ".spec.search.init",
-                         ".spec.search.logitRange"}
+    assert immutable == {
+        ".spec.task",
+        ".spec.model",
+        ".spec.search.space",
+        ".spec.search.parameterization",
+        ".spec.search.intervals",
+        ".spec.search.mode",
+        ".spec.search.seed",
+        ".spec.search.init",
+        ".spec.search.logitRange",
+    }
     # the knobs a user raises on a running search stay mutable
     for path in (".spec.search.epochs", ".spec.suspend", ".spec.optimizer", ".spec.trainer"):
         assert path not in immutable
@@ -231,8 +292,21 @@ def test_cel_rules_name_the_field_and_the_fix(schema):
 
 def test_storage_uri_rule_matches_the_python_regex():
     cel = re.compile(STORAGE_URI_CEL)
-    for uri in ("s3://bucket/prefix", "s3://my.bucket-1", "s3://b/", "file:///tmp/x", "/abs", "s3://ab/x",
-                "s3://Bucket/x", "s3://-bucket/x", "http://x/y", "relative", "file://", "/", "s3://abc"):
+    for uri in (
+        "s3://bucket/prefix",
+        "s3://my.bucket-1",
+        "s3://b/",
+        "file:///tmp/x",
+        "/abs",
+        "s3://ab/x",
+        "s3://Bucket/x",
+        "s3://-bucket/x",
+        "http://x/y",
+        "relative",
+        "file://",
+        "/",
+        "s3://abc",
+    ):
         assert bool(cel.match(uri)) == bool(STORAGE_URI.match(uri)), uri
 
 
@@ -252,10 +326,19 @@ def test_typed_and_free_form_dicts():
         maybe: float | None = Field(None, gt=0, description="m")
 
     props = crd._Converter(Dicts, defaults=True).convert()["properties"]
-    assert props["weights"] == {"type": "object", "additionalProperties": {"type": "number"}, "description": "w",
-                                "default": {}}
+    assert props["weights"] == {
+        "type": "object",
+        "additionalProperties": {"type": "number"},
+        "description": "w",
+        "default": {},
+    }
     assert props["anything"]["x-kubernetes-preserve-unknown-fields"] is True
     assert "additionalProperties" not in props["anything"]
     assert props["tags"]["x-kubernetes-list-type"] == "set" and "uniqueItems" not in props["tags"]
-    assert props["maybe"] == {"type": "number", "nullable": True, "minimum": 0, "exclusiveMinimum": True,
-                              "description": "m"}
+    assert props["maybe"] == {
+        "type": "number",
+        "nullable": True,
+        "minimum": 0,
+        "exclusiveMinimum": True,
+        "description": "m",
+    }

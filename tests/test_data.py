@@ -56,13 +56,21 @@ def write_cifar10(root: Path, per_batch: int = 20, n_test: int = 30) -> dict[str
     labels = np.random.default_rng(2).integers(0, 10, n)
     for b in range(5):
         sl = slice(b * per_batch, (b + 1) * per_batch)
-        entry = {"batch_label": f"training batch {b + 1} of 5", "labels": labels[sl].tolist(),
-                 "data": images[sl].reshape(per_batch, -1), "filenames": [f"img{i}.png" for i in range(per_batch)]}
+        entry = {
+            "batch_label": f"training batch {b + 1} of 5",
+            "labels": labels[sl].tolist(),
+            "data": images[sl].reshape(per_batch, -1),
+            "filenames": [f"img{i}.png" for i in range(per_batch)],
+        }
         (base / f"data_batch_{b + 1}").write_bytes(pickle.dumps(entry, protocol=2))
     test_images = synthetic_images(n_test, 3, 32, 200, 3)
     test_labels = np.random.default_rng(4).integers(0, 10, n_test)
-    entry = {"batch_label": "testing batch 1 of 1", "labels": test_labels.tolist(),
-             "data": test_images.reshape(n_test, -1), "filenames": [f"t{i}.png" for i in range(n_test)]}
+    entry = {
+        "batch_label": "testing batch 1 of 1",
+        "labels": test_labels.tolist(),
+        "data": test_images.reshape(n_test, -1),
+        "filenames": [f"t{i}.png" for i in range(n_test)],
+    }
     (base / "test_batch").write_bytes(pickle.dumps(entry, protocol=2))
     meta = {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch, "num_vis": 3072}
     (base / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
@@ -73,11 +81,20 @@ def write_cifar100(root: Path, n: int = 60, n_test: int = 20) -> dict[str, np.nd
     base = root / "cifar-100-python"
     base.mkdir(parents=True)
     rng = np.random.default_rng(5)
-    out = {"x": synthetic_images(n, 3, 32, 0, 6), "y": rng.integers(0, 100, n),
-           "x_test": synthetic_images(n_test, 3, 32, 200, 7), "y_test": rng.integers(0, 100, n_test)}
+    out = {
+        "x": synthetic_images(n, 3, 32, 0, 6),
+        "y": rng.integers(0, 100, n),
+        "x_test": synthetic_images(n_test, 3, 32, 200, 7),
+        "y_test": rng.integers(0, 100, n_test),
+    }
     for name, x, y in (("train", out["x"], out["y"]), ("test", out["x_test"], out["y_test"])):
-        entry = {"filenames": [f"{i}.png" for i in range(len(y))], "batch_label": name, "fine_labels": y.tolist(),
-                 "coarse_labels": (y // 5).tolist(), "data": x.reshape(len(y), -1)}
+        entry = {
+            "filenames": [f"{i}.png" for i in range(len(y))],
+            "batch_label": name,
+            "fine_labels": y.tolist(),
+            "coarse_labels": (y // 5).tolist(),
+            "data": x.reshape(len(y), -1),
+        }
         (base / name).write_bytes(pickle.dumps(entry, protocol=2))
     meta = {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": [f"c{i}" for i in range(20)]}
     (base / "meta").write_bytes(pickle.dumps(meta, protocol=2))
@@ -93,10 +110,18 @@ def write_mnist(root: Path, cls: str = "MNIST", n: int = 60, n_test: int = 20, g
     raw = root / cls / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(8)
-    out = {"x": synthetic_images(n, 1, 28, 0, 9)[:, 0], "y": rng.integers(0, 10, n),
-           "x_test": synthetic_images(n_test, 1, 28, 200, 10)[:, 0], "y_test": rng.integers(0, 10, n_test)}
-    files = {"train-images-idx3-ubyte": out["x"], "train-labels-idx1-ubyte": out["y"],
-             "t10k-images-idx3-ubyte": out["x_test"], "t10k-labels-idx1-ubyte": out["y_test"]}
+    out = {
+        "x": synthetic_images(n, 1, 28, 0, 9)[:, 0],
+        "y": rng.integers(0, 10, n),
+        "x_test": synthetic_images(n_test, 1, 28, 200, 10)[:, 0],
+        "y_test": rng.integers(0, 10, n_test),
+    }
+    files = {
+        "train-images-idx3-ubyte": out["x"],
+        "train-labels-idx1-ubyte": out["y"],
+        "t10k-images-idx3-ubyte": out["x_test"],
+        "t10k-labels-idx1-ubyte": out["y_test"],
+    }
     for name, arr in files.items():
         if gz:
             (raw / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(arr)))
@@ -195,8 +220,9 @@ def test_cifar10_split_determinism_and_train_limit(cifar10_root) -> None:
 
     assert val_ids(split_seed=1) == val_ids(split_seed=1)
     assert val_ids(split_seed=1) != val_ids(split_seed=2)
-    limited = load_task(task(dataset="cifar10", data_root=str(root), val_fraction=0.2, split_seed=1,
-                             train_limit=25), CPU)
+    limited = load_task(
+        task(dataset="cifar10", data_root=str(root), val_fraction=0.2, split_seed=1, train_limit=25), CPU
+    )
     assert limited.size("train") == 25 and limited.size("val") == 20
     train_ids = identity_of(collect(limited.eval_batches("train", 64))[0], CIFAR10_MEAN, CIFAR10_STD).tolist()
     assert set(train_ids).isdisjoint(val_ids(split_seed=1))
@@ -210,8 +236,9 @@ def test_cifar10_train_epoch_shuffled_augmented_labels_kept(cifar10_root) -> Non
     x, y = collect(batches)
     assert x.shape == (80, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     ids = identity_of(x, CIFAR10_MEAN, CIFAR10_STD)
-    assert sorted(ids.tolist()) == sorted(identity_of(collect(d.eval_batches("train", 80))[0], CIFAR10_MEAN,
-                                                      CIFAR10_STD).tolist())
+    assert sorted(ids.tolist()) == sorted(
+        identity_of(collect(d.eval_batches("train", 80))[0], CIFAR10_MEAN, CIFAR10_STD).tolist()
+    )
     assert not torch.equal(ids, ids.sort().values), "shuffled"
     assert torch.equal(y, torch.from_numpy(raw["y"][ids.numpy()])), "labels follow their images"
     plain = (torch.from_numpy(raw["x"][ids.numpy()]).float() / 255 - CIFAR10_MEAN) / CIFAR10_STD
@@ -245,7 +272,7 @@ def test_crop_flip_matches_reference() -> None:
     assert out.shape == x.shape and out.dtype == x.dtype
     padded = np.pad(x.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)))
     for i in range(5):
-        ref = padded[i, :, dy[i]:dy[i] + 6, dx[i]:dx[i] + 7]
+        ref = padded[i, :, dy[i] : dy[i] + 6, dx[i] : dx[i] + 7]
         if flip[i]:
             ref = ref[:, :, ::-1]
         assert np.array_equal(out[i].numpy(), ref)
@@ -271,10 +298,13 @@ def test_cifar100_fine_labels(tmp_path: Path) -> None:
     assert torch.equal(yb, torch.from_numpy(raw["y"][identity_of(xb, mean, std).numpy()]))
 
 
-@pytest.mark.parametrize(("dataset", "cls", "gz", "mean", "std"), [
-    ("mnist", "MNIST", False, 0.1307, 0.3081),
-    ("fashion-mnist", "FashionMNIST", True, 0.2860, 0.3530),
-])
+@pytest.mark.parametrize(
+    ("dataset", "cls", "gz", "mean", "std"),
+    [
+        ("mnist", "MNIST", False, 0.1307, 0.3081),
+        ("fashion-mnist", "FashionMNIST", True, 0.2860, 0.3530),
+    ],
+)
 def test_mnist_like_idx_files(tmp_path: Path, dataset: str, cls: str, gz: bool, mean: float, std: float) -> None:
     raw = write_mnist(tmp_path, cls, gz=gz)
     d = load_task(task(dataset=dataset, data_root=str(tmp_path), val_fraction=0.25, augment=True), CPU)
@@ -296,8 +326,9 @@ def test_mnist_layout_is_torchvisions_and_download_skipped_when_present(tmp_path
 
     raw = write_mnist(tmp_path)
     tv = torchvision.datasets.MNIST(str(tmp_path), train=False, download=True)  # offline: files found
-    assert torch.equal(tv.data, torch.from_numpy(raw["x_test"])) and torch.equal(tv.targets,
-                                                                                 torch.from_numpy(raw["y_test"]))
+    assert torch.equal(tv.data, torch.from_numpy(raw["x_test"])) and torch.equal(
+        tv.targets, torch.from_numpy(raw["y_test"])
+    )
 
     def no_network(*a: object, **k: object) -> None:
         raise AssertionError("download attempted although the files exist")
@@ -370,8 +401,9 @@ def test_s3_root_is_copied_to_the_cache(tmp_path: Path, monkeypatch) -> None:
         return real(f"file://{src}", dest)
 
     monkeypatch.setattr(storage, "download_prefix", download_prefix)
-    d = load_task(task(dataset="cifar10", data_root="s3://bucket/datasets", val_fraction=0.25), CPU,
-                  cache_dir=tmp_path / "cache")
+    d = load_task(
+        task(dataset="cifar10", data_root="s3://bucket/datasets", val_fraction=0.25), CPU, cache_dir=tmp_path / "cache"
+    )
     assert [c[0] for c in calls] == ["s3://bucket/datasets"]
     assert calls[0][1].is_relative_to(tmp_path / "cache")
     assert (calls[0][1] / "cifar-10-batches-py" / "data_batch_5").is_file()
@@ -406,8 +438,9 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert xt.shape == (9, 3, 224, 224) and yt.dtype == torch.int64
     # solid-colour images: the colour identifies the class even after crop and flip
     assert torch.equal(xt[:, :, 112, 112].argmax(1), yt)
-    limited = load_task(task(dataset="imagefolder", data_root=str(tmp_path), val_fraction=0.25, train_limit=2,
-                             num_workers=0), CPU)
+    limited = load_task(
+        task(dataset="imagefolder", data_root=str(tmp_path), val_fraction=0.25, train_limit=2, num_workers=0), CPU
+    )
     assert limited.size("train") == 2 and limited.size("val") == 3
 
 

@@ -21,16 +21,18 @@ PARAMS = ("monotone", "paper")
 SIGMA = 0.2
 
 
-def cfg_for(head: str, m: int, parameterization: str = "monotone", logit_range: float = 10.0,
-            scale: float = 16.0) -> SpaceConfig:
+def cfg_for(
+    head: str, m: int, parameterization: str = "monotone", logit_range: float = 10.0, scale: float = 16.0
+) -> SpaceConfig:
     """What SpaceConfig.from_spec gives for this head (scale: the cosine head's s)."""
     if head == "cosine":
         return SpaceConfig(m, parameterization, -1.0, 1.0, scale)
     return SpaceConfig(m, parameterization, -logit_range, logit_range, 1.0)
 
 
-def random_outputs(head: str, n: int, c: int, gen: torch.Generator, spread: float = 8.0,
-                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def random_outputs(
+    head: str, n: int, c: int, gen: torch.Generator, spread: float = 8.0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random outputs and targets; the first quarter of the rows are confidently wrong."""
     y = torch.randint(0, c, (n,), generator=gen)
     if head == "cosine":
@@ -56,6 +58,7 @@ def scale_of(head: str, scale: float) -> float:
 
 
 # --- identity == cross-entropy --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("parameterization", PARAMS)
 @pytest.mark.parametrize("m", [1, 6, 16])
@@ -88,8 +91,11 @@ def test_identity_is_cross_entropy_for_huge_losses() -> None:
     y = torch.tensor([0, 1, 0])
     torch.testing.assert_close(loss(z, y), F.cross_entropy(z, y, reduction="none"))
     # the same when another piece of tau can reach the floor (the mixed code path)
-    mixed = {"kind": "piecewise", "t": {"lo": -10.0, "hi": 10.0, "a": [1.0], "b": [0.0]},
-             "tau": {"lo": 0.0, "hi": 1.0, "a": [1.0, 1.0], "b": [0.0, -0.01]}}
+    mixed = {
+        "kind": "piecewise",
+        "t": {"lo": -10.0, "hi": 10.0, "a": [1.0], "b": [0.0]},
+        "tau": {"lo": 0.0, "hi": 1.0, "a": [1.0, 1.0], "b": [0.0, -0.01]},
+    }
     z.requires_grad_(True)
     rows = build_loss(mixed, "linear", 1.0, reduction="none")(z, y)
     torch.testing.assert_close(rows, F.cross_entropy(z, y, reduction="none"))
@@ -109,6 +115,7 @@ def test_search_softmax_identity_is_cross_entropy(k: int, head: str, scale: floa
 
 
 # --- presets against references written here --------------------------------------------------------
+
 
 def ref_cross_entropy_rows(logits: torch.Tensor, y: torch.Tensor) -> list[float]:
     out = []
@@ -190,6 +197,7 @@ def test_preset_gradients_are_finite_at_the_edges(preset: str) -> None:
 
 # --- warm starts ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("parameterization", PARAMS)
 @pytest.mark.parametrize("m", [1, 6])
 @pytest.mark.parametrize(("head", "scale"), [("linear", 1.0), ("cosine", 64.0)])
@@ -250,6 +258,7 @@ def test_focal_warm_start_is_close(parameterization: str, m: int, gamma: float) 
 
 # --- the module applies exactly the program's t and tau ------------------------------------------------
 
+
 def random_program(cfg: SpaceConfig, gen: torch.Generator, sigma: float) -> dict:
     mu = torch.tensor(AMLFS.identity(cfg), dtype=torch.float64)
     return AMLFS.program((mu + sigma * torch.randn(mu.shape, generator=gen, dtype=torch.float64)).tolist(), cfg)
@@ -285,22 +294,30 @@ def test_t_and_tau_match_evaluate(parameterization: str, m: int) -> None:
                 assert li == pytest.approx(want_l, rel=1e-5, abs=1e-5 + 2e-7 * cond), (pi, k, a, b)
 
 
-@pytest.mark.parametrize(("tau_a", "tau_b", "path"), [
-    ([1.3, 0.8, 1.1], [0.0, 0.2, 0.1], "tau_all_pos"),     # every piece a > 0, b >= 0
-    ([1.3, 0.8, 1.1], [0.0, 0.1, -0.1], "tau_ratio"),      # tau(0) = 0 and tau > 0 on every piece
-    ([1.3, 0.8, 1.1], [0.0, -0.5, 0.1], "tau_mixed"),      # piece 1 crosses 0: floor there
-])
+@pytest.mark.parametrize(
+    ("tau_a", "tau_b", "path"),
+    [
+        ([1.3, 0.8, 1.1], [0.0, 0.2, 0.1], "tau_all_pos"),  # every piece a > 0, b >= 0
+        ([1.3, 0.8, 1.1], [0.0, 0.1, -0.1], "tau_ratio"),  # tau(0) = 0 and tau > 0 on every piece
+        ([1.3, 0.8, 1.1], [0.0, -0.5, 0.1], "tau_mixed"),  # piece 1 crosses 0: floor there
+    ],
+)
 def test_every_tau_code_path_is_exact_for_tiny_p(tau_a: list[float], tau_b: list[float], path: str) -> None:
     """log tau = log p + log a_0 on a piece 0 with b_0 = 0, even where p underflows float32."""
     program = {"kind": "piecewise", "t": GOOD["t"], "tau": {"lo": 0.0, "hi": 1.0, "a": tau_a, "b": tau_b}}
     loss = build_loss(program, "linear", 1.0)
-    flags = {"tau_all_pos": loss.tau_all_pos, "tau_ratio": loss.tau_ratio,
-             "tau_mixed": not (loss.tau_all_pos or loss.tau_ratio)}
+    flags = {
+        "tau_all_pos": loss.tau_all_pos,
+        "tau_ratio": loss.tau_ratio,
+        "tau_mixed": not (loss.tau_all_pos or loss.tau_ratio),
+    }
     assert flags[path] and sum(flags.values()) == 1
     logp = torch.tensor([-0.01, -0.5, -1.5, -20.0, -90.0, -200.0]).view(-1, 1)
     lt, g = loss.log_tau(logp, None, True)
-    want = [math.log(max(evaluate(program, "tau", math.exp(v)), TAU_FLOOR)) if v > -80 else v + math.log(1.3)
-            for v in logp.view(-1).tolist()]
+    want = [
+        math.log(max(evaluate(program, "tau", math.exp(v)), TAU_FLOOR)) if v > -80 else v + math.log(1.3)
+        for v in logp.view(-1).tolist()
+    ]
     torch.testing.assert_close(lt.view(-1), torch.tensor(want), rtol=1e-5, atol=1e-5)
     assert g is not None and torch.isfinite(g).all()
     torch.testing.assert_close(g[-2:].view(-1), torch.ones(2))  # a p / tau = 1 on a piece through 0
@@ -330,10 +347,12 @@ def test_loss_matches_a_python_reference(parameterization: str, head: str, scale
 
 # --- gradients --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("parameterization", PARAMS)
 @pytest.mark.parametrize(("head", "scale"), [("linear", 1.0), ("cosine", 16.0), ("cosine", 64.0)])
-def test_random_theta_within_3_sigma_gives_finite_loss_and_gradient(parameterization: str, head: str,
-                                                                    scale: float) -> None:
+def test_random_theta_within_3_sigma_gives_finite_loss_and_gradient(
+    parameterization: str, head: str, scale: float
+) -> None:
     gen = torch.Generator().manual_seed(5)
     cfg = cfg_for(head, 6, parameterization, scale=scale)
     for _ in range(200):
@@ -368,11 +387,14 @@ def test_hand_written_backward_matches_finite_differences(parameterization: str,
 
 # --- non-finite inputs and the floor ------------------------------------------------------------------
 
+
 def all_kinds(head: str) -> list[dict]:
     cfg = cfg_for(head, 6, "paper")
-    programs = [AMLFS.program(noisy_theta(cfg, torch.Generator().manual_seed(0)), cfg),
-                AMLFS.program(AMLFS.identity(cfg), cfg),
-                {"kind": "search-softmax", "a": [-0.5, -1.0]}]
+    programs = [
+        AMLFS.program(noisy_theta(cfg, torch.Generator().manual_seed(0)), cfg),
+        AMLFS.program(AMLFS.identity(cfg), cfg),
+        {"kind": "search-softmax", "a": [-0.5, -1.0]},
+    ]
     for name in ("softmax", "cosface", "focal") + (("arcface",) if head == "cosine" else ()):
         programs.append(preset_program(InitSpec(preset=name), 0.1))
     return programs
@@ -393,8 +415,11 @@ def test_non_finite_outputs_give_a_non_finite_loss(head: str, bad: float, where:
 @pytest.mark.parametrize("head", ["linear", "cosine"])
 def test_tau_at_or_below_zero_is_clamped(head: str) -> None:
     """tau(p) = p - 0.5: rows with p <= 0.5 + floor take -log TAU_FLOOR and no gradient."""
-    program = {"kind": "piecewise", "t": {"lo": -1.0, "hi": 1.0, "a": [1.0], "b": [0.0]},
-               "tau": {"lo": 0.0, "hi": 1.0, "a": [1.0, 1.0], "b": [-0.5, -0.5]}}
+    program = {
+        "kind": "piecewise",
+        "t": {"lo": -1.0, "hi": 1.0, "a": [1.0], "b": [0.0]},
+        "tau": {"lo": 0.0, "hi": 1.0, "a": [1.0, 1.0], "b": [-0.5, -0.5]},
+    }
     z, y = random_outputs(head, 64, 3, torch.Generator().manual_seed(0), spread=3.0)
     z.requires_grad_(True)
     rows = build_loss(program, head, 4.0, reduction="none")(z, y)
@@ -408,6 +433,7 @@ def test_tau_at_or_below_zero_is_clamped(head: str) -> None:
 
 
 # --- search-softmax ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(("head", "scale"), [("linear", 1.0), ("cosine", 16.0)])
 def test_search_softmax_up_weights_hard_examples(head: str, scale: float) -> None:
@@ -433,6 +459,7 @@ def test_search_softmax_picks_the_bin_of_p() -> None:
 
 
 # --- dtypes, devices, reductions -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("head", ["linear", "cosine"])
 def test_bf16_autocast_on_cpu(head: str) -> None:
@@ -472,8 +499,11 @@ def test_integer_targets_of_any_width() -> None:
 
 # --- malformed programs ---------------------------------------------------------------------------------
 _DELETE = object()
-GOOD = {"kind": "piecewise", "t": {"lo": -1.0, "hi": 1.0, "a": [1.0], "b": [0.0]},
-        "tau": {"lo": 0.0, "hi": 1.0, "a": [1.0], "b": [0.0]}}
+GOOD = {
+    "kind": "piecewise",
+    "t": {"lo": -1.0, "hi": 1.0, "a": [1.0], "b": [0.0]},
+    "tau": {"lo": 0.0, "hi": 1.0, "a": [1.0], "b": [0.0]},
+}
 
 
 def _with(path: str, value: object) -> dict:
@@ -489,25 +519,27 @@ def _with(path: str, value: object) -> dict:
     return program
 
 
-
-@pytest.mark.parametrize(("program", "field"), [
-    ("not a dict", "program"),
-    ({"kind": "softmax"}, "program.kind"),
-    ({}, "program.kind"),
-    (_with("t", _DELETE), "program.t"),
-    (_with("tau.a", [1.0, 1.0]), "program.tau.b"),
-    (_with("t.hi", -1.0), "program.t.hi"),
-    (_with("t.a", [math.nan]), "program.t.a[0]"),
-    (_with("t.b", []), "program.t.b"),
-    (_with("tau.lo", "0"), "program.tau.lo"),
-    (_with("t.extra", 1), "program.t.extra"),
-    ({"kind": "search-softmax", "a": [0.5]}, "program.a[0]"),
-    ({"kind": "search-softmax"}, "program.a"),
-    ({"kind": "preset", "name": "triplet"}, "program.name"),
-    ({"kind": "preset", "name": "focal", "gamma": -1.0}, "program.gamma"),
-    ({"kind": "preset", "name": "softmax", "labelSmoothing": 1.0}, "program.labelSmoothing"),
-    ({"kind": "preset", "name": "cosface", "margin": True}, "program.margin"),
-])
+@pytest.mark.parametrize(
+    ("program", "field"),
+    [
+        ("not a dict", "program"),
+        ({"kind": "softmax"}, "program.kind"),
+        ({}, "program.kind"),
+        (_with("t", _DELETE), "program.t"),
+        (_with("tau.a", [1.0, 1.0]), "program.tau.b"),
+        (_with("t.hi", -1.0), "program.t.hi"),
+        (_with("t.a", [math.nan]), "program.t.a[0]"),
+        (_with("t.b", []), "program.t.b"),
+        (_with("tau.lo", "0"), "program.tau.lo"),
+        (_with("t.extra", 1), "program.t.extra"),
+        ({"kind": "search-softmax", "a": [0.5]}, "program.a[0]"),
+        ({"kind": "search-softmax"}, "program.a"),
+        ({"kind": "preset", "name": "triplet"}, "program.name"),
+        ({"kind": "preset", "name": "focal", "gamma": -1.0}, "program.gamma"),
+        ({"kind": "preset", "name": "softmax", "labelSmoothing": 1.0}, "program.labelSmoothing"),
+        ({"kind": "preset", "name": "cosface", "margin": True}, "program.margin"),
+    ],
+)
 def test_malformed_programs_name_the_field(program: object, field: str) -> None:
     with pytest.raises(ValueError, match="^" + re.escape(field) + ":"):
         build_loss(program, "cosine", 16.0)  # type: ignore[arg-type]

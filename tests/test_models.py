@@ -72,13 +72,16 @@ def test_same_feature_extractor_for_both_heads() -> None:
 
 
 def test_cifar_resnet_parameter_counts() -> None:
-    counts = {name: n_params(build_model(ModelSpec(name=name), 10, (3, 32, 32)))
-              for name in ("resnet20", "resnet32", "resnet56")}
+    counts = {
+        name: n_params(build_model(ModelSpec(name=name), 10, (3, 32, 32)))
+        for name in ("resnet20", "resnet32", "resnet56")
+    }
     assert counts["resnet20"] == pytest.approx(0.27e6, rel=0.01)
     assert counts["resnet32"] == pytest.approx(0.46e6, rel=0.01)
     assert counts["resnet56"] == pytest.approx(0.85e6, rel=0.01)
-    assert all(n_params(b.shortcut) == 0 for b in build_model(ModelSpec(name="resnet20"), 10, (3, 32, 32))
-               .features.blocks), "option-A shortcuts have no parameters"
+    assert all(
+        n_params(b.shortcut) == 0 for b in build_model(ModelSpec(name="resnet20"), 10, (3, 32, 32)).features.blocks
+    ), "option-A shortcuts have no parameters"
 
 
 def test_torchvision_resnet_stem_depends_on_input_size() -> None:
@@ -91,8 +94,16 @@ def test_torchvision_resnet_stem_depends_on_input_size() -> None:
     assert build_model(ModelSpec(name="resnet50"), 10, (3, 32, 32)).feature_dim == 2048
 
 
-@pytest.mark.parametrize(("name", "shape"), [("mlp", (1, 8, 8)), ("small-cnn", (1, 8, 8)), ("cnn1d", (1, 40)),
-                                             ("resnet20", (3, 32, 32)), ("resnet18", (3, 16, 16))])
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("mlp", (1, 8, 8)),
+        ("small-cnn", (1, 8, 8)),
+        ("cnn1d", (1, 40)),
+        ("resnet20", (3, 32, 32)),
+        ("resnet18", (3, 16, 16)),
+    ],
+)
 @pytest.mark.parametrize("head", ["linear", "cosine"])
 def test_gradient_reaches_every_parameter(name: str, shape: tuple[int, ...], head: str) -> None:
     torch.manual_seed(0)
@@ -114,8 +125,7 @@ def test_channels_last_gives_the_same_outputs() -> None:
         x = torch.randn(2, 3, 32, 32)
         ref = model(x)
         model = model.to(memory_format=torch.channels_last)
-        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), ref,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_same_seed_same_initial_weights() -> None:
@@ -126,16 +136,19 @@ def test_same_seed_same_initial_weights() -> None:
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
-@pytest.mark.parametrize(("name", "shape", "classes", "fragment"), [
-    ("small-cnn", (1, 40), 10, "needs images (C, H, W) but the inputs are (1, 40); use cnn1d or mlp"),
-    ("resnet20", (1, 40), 10, "needs images"),
-    ("resnet20", (3, 4, 4), 10, "at least 8x8"),
-    ("resnet18", (1, 8), 10, "needs images"),
-    ("cnn1d", (3, 32, 32), 10, "needs 1-D signals (C, L)"),
-    ("cnn1d", (1, 5), 10, "length >= 8"),
-    ("mlp", (1, 0, 8), 10, "invalid input shape"),
-    ("mlp", (1, 8, 8), 1, "at least 2 classes"),
-])
+@pytest.mark.parametrize(
+    ("name", "shape", "classes", "fragment"),
+    [
+        ("small-cnn", (1, 40), 10, "needs images (C, H, W) but the inputs are (1, 40); use cnn1d or mlp"),
+        ("resnet20", (1, 40), 10, "needs images"),
+        ("resnet20", (3, 4, 4), 10, "at least 8x8"),
+        ("resnet18", (1, 8), 10, "needs images"),
+        ("cnn1d", (3, 32, 32), 10, "needs 1-D signals (C, L)"),
+        ("cnn1d", (1, 5), 10, "length >= 8"),
+        ("mlp", (1, 0, 8), 10, "invalid input shape"),
+        ("mlp", (1, 8, 8), 1, "at least 2 classes"),
+    ],
+)
 def test_bad_shape_is_a_model_error(name: str, shape: tuple[int, ...], classes: int, fragment: str) -> None:
     with pytest.raises(ModelError) as err:
         build_model(ModelSpec(name=name), classes, shape)

@@ -14,19 +14,39 @@ from amlfs.controller.rewards import PushedResult
 from amlfs.spec import LossSearchSpec, spec_from_json
 from amlfs.status import Checkpoint, LossSearchStatus, SampleStatus
 
-SPEC = LossSearchSpec.model_validate({
-    "search": {"epochs": 3, "samplesPerEpoch": 2},
-    "storage": {"uri": "s3://bkt/p", "secretName": "creds", "endpoint": "http://s3:9000"},
-    "trainer": {"image": "reg/amlfs-trainer:1", "resources": {"gpu": 2, "cpu": "8", "memory": "32Gi"},
-                "podTemplate": {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "gpu", "amlfs.io/search": "x"}},
-                                "spec": {"nodeSelector": {"gpu": "h100"}, "priorityClassName": "high",
-                                         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
-                                         "containers": [{"name": "trainer", "env": [
-                                             {"name": "NCCL_DEBUG", "value": "INFO"},
-                                             {"name": "AMLFS_EPOCH", "value": "999"}]}]}}},
-})
-START = core.StartSample(epoch=1, sample=0, attempt=1, theta=[0.0] * 13, program={}, output="s3://bkt/p/ns/s/e",
-                         start=Checkpoint(uri="s3://bkt/p/ns/s/epoch-0000/sample-01/checkpoint.pt", sha256="ab" * 32))
+SPEC = LossSearchSpec.model_validate(
+    {
+        "search": {"epochs": 3, "samplesPerEpoch": 2},
+        "storage": {"uri": "s3://bkt/p", "secretName": "creds", "endpoint": "http://s3:9000"},
+        "trainer": {
+            "image": "reg/amlfs-trainer:1",
+            "resources": {"gpu": 2, "cpu": "8", "memory": "32Gi"},
+            "podTemplate": {
+                "metadata": {"labels": {"kueue.x-k8s.io/queue-name": "gpu", "amlfs.io/search": "x"}},
+                "spec": {
+                    "nodeSelector": {"gpu": "h100"},
+                    "priorityClassName": "high",
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                    "containers": [
+                        {
+                            "name": "trainer",
+                            "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "AMLFS_EPOCH", "value": "999"}],
+                        }
+                    ],
+                },
+            },
+        },
+    }
+)
+START = core.StartSample(
+    epoch=1,
+    sample=0,
+    attempt=1,
+    theta=[0.0] * 13,
+    program={},
+    output="s3://bkt/p/ns/s/e",
+    start=Checkpoint(uri="s3://bkt/p/ns/s/epoch-0000/sample-01/checkpoint.pt", sha256="ab" * 32),
+)
 
 
 def env_of(pod: dict) -> dict:
@@ -66,12 +86,22 @@ def test_trainer_pod_carries_the_cli_contract_and_user_template():
 
 
 def test_merge_template_merges_named_lists():
-    base = {"metadata": {"name": "p", "namespace": "n", "labels": {"amlfs.io/search": "s"}},
-            "spec": {"containers": [{"name": "trainer", "env": [{"name": "A", "value": "1"}]}],
-                     "volumes": [{"name": "tmp", "emptyDir": {}}]}}
-    out = merge_template(base, {"spec": {"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "d"}}],
-                                         "containers": [{"name": "trainer", "volumeMounts": [
-                                             {"name": "data", "mountPath": "/data"}]}]}})
+    base = {
+        "metadata": {"name": "p", "namespace": "n", "labels": {"amlfs.io/search": "s"}},
+        "spec": {
+            "containers": [{"name": "trainer", "env": [{"name": "A", "value": "1"}]}],
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+        },
+    }
+    out = merge_template(
+        base,
+        {
+            "spec": {
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "d"}}],
+                "containers": [{"name": "trainer", "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+            }
+        },
+    )
     assert [v["name"] for v in out["spec"]["volumes"]] == ["tmp", "data"]
     assert out["spec"]["containers"][0]["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
     assert out["spec"]["containers"][0]["env"] == [{"name": "A", "value": "1"}]
@@ -85,33 +115,52 @@ class FakeRewards:
         return self.data
 
 
-def pod(phase: str, exit_code: int | None = None, reason: str = "", message: str = "", finished: float = 0.0,
-        conditions: list | None = None) -> dict:
+def pod(
+    phase: str,
+    exit_code: int | None = None,
+    reason: str = "",
+    message: str = "",
+    finished: float = 0.0,
+    conditions: list | None = None,
+) -> dict:
     status: dict = {"phase": phase, "reason": reason, "conditions": conditions or []}
     if exit_code is not None:
-        status["containerStatuses"] = [{"state": {"terminated": {
-            "exitCode": exit_code, "message": message,
-            "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished or time.time()))}}}]
+        status["containerStatuses"] = [
+            {
+                "state": {
+                    "terminated": {
+                        "exitCode": exit_code,
+                        "message": message,
+                        "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished or time.time())),
+                    }
+                }
+            }
+        ]
     return {"metadata": {"labels": {}}, "status": status}
 
 
 def test_pods_and_rewards_become_observations(tmp_path):
     spec = SPEC.model_copy(update={"search": SPEC.search.model_copy(update={"samplesPerEpoch": 8})})
     thetas = [[float(i)] * 13 for i in range(8)]
-    st = LossSearchStatus(mu=[0.0] * 13, sigma=0.2, epoch=0, samples=[
-        SampleStatus(index=i, theta=thetas[i], state="Running") for i in range(8)])
+    st = LossSearchStatus(
+        mu=[0.0] * 13,
+        sigma=0.2,
+        epoch=0,
+        samples=[SampleStatus(index=i, theta=thetas[i], state="Running") for i in range(8)],
+    )
     rec = Reconciler(client.ApiClient(), Settings(reward_timeout=10))
     rec.rewards = FakeRewards({(0, 2): PushedResult(0.75, False, "c" * 64), (0, 3): PushedResult(None, True, "")})
     root = f"file://{tmp_path}"
-    storage.write_json(f"{root}/epoch-0000/sample-05/result.json",
-                       {"status": "ok", "reward": 0.5, "sha256": "d" * 64, "theta": thetas[5]})
+    storage.write_json(
+        f"{root}/epoch-0000/sample-05/result.json",
+        {"status": "ok", "reward": 0.5, "sha256": "d" * 64, "theta": thetas[5]},
+    )
     pods = {
         "s-e0-s0": pod("Running"),
         "s-e0-s1": pod("Failed", 2, message="task.dataRoot: no CIFAR-10 files"),
         "s-e0-s2": pod("Succeeded", 0),
         "s-e0-s3": pod("Succeeded", 0),
-        "s-e0-s4": pod("Failed", 137, reason="Evicted",
-                       conditions=[{"type": "DisruptionTarget", "status": "True"}]),
+        "s-e0-s4": pod("Failed", 137, reason="Evicted", conditions=[{"type": "DisruptionTarget", "status": "True"}]),
         "s-e0-s5": pod("Succeeded", 0, finished=time.time() - 60),  # no push: falls back to result.json
         "s-e0-s6": pod("Succeeded", 0),  # no push yet, within the timeout: still waiting
         "s-e0-s7": pod("Failed", 1, message="CUDA error"),

@@ -15,10 +15,15 @@ from amlfs.spec import parse_manifest
 from amlfs.status import LossSearchStatus
 
 MANIFEST = {
-    "apiVersion": "amlfs.io/v1alpha1", "kind": "LossSearch", "metadata": {"name": "tiny"},
-    "spec": {"task": {"dataset": "digits", "batchSize": 32, "trainLimit": 320},
-             "model": {"name": "small-cnn", "width": 8}, "optimizer": {"lr": 0.05},
-             "search": {"epochs": 3, "samplesPerEpoch": 2, "intervals": 3, "seed": 3}},
+    "apiVersion": "amlfs.io/v1alpha1",
+    "kind": "LossSearch",
+    "metadata": {"name": "tiny"},
+    "spec": {
+        "task": {"dataset": "digits", "batchSize": 32, "trainLimit": 320},
+        "model": {"name": "small-cnn", "width": 8},
+        "optimizer": {"lr": 0.05},
+        "search": {"epochs": 3, "samplesPerEpoch": 2, "intervals": 3, "seed": 3},
+    },
 }
 
 

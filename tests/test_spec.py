@@ -35,13 +35,23 @@ def test_spec_round_trips_through_json_with_camel_case():
 
 def test_defaults_are_the_stable_ones():
     s = LossSearchSpec().search
-    assert (s.space, s.parameterization, s.intervals, s.sigma, s.lr, s.elitism) == ("amlfs", "monotone", 6, 0.2,
-                                                                                      0.05, True)
+    assert (s.space, s.parameterization, s.intervals, s.sigma, s.lr, s.elitism) == (
+        "amlfs",
+        "monotone",
+        6,
+        0.2,
+        0.05,
+        True,
+    )
 
 
 def write(tmp_path: Path, spec_patch: dict | None = None, text: str | None = None) -> Path:
-    doc = {"apiVersion": "amlfs.io/v1alpha1", "kind": "LossSearch", "metadata": {"name": "bad"},
-           "spec": {"search": {"epochs": 1}}}
+    doc = {
+        "apiVersion": "amlfs.io/v1alpha1",
+        "kind": "LossSearch",
+        "metadata": {"name": "bad"},
+        "spec": {"search": {"epochs": 1}},
+    }
     for dotted, value in (spec_patch or {}).items():
         node = doc
         *parents, last = dotted.split(".")
@@ -73,8 +83,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("patch", "field", "hint"), BAD, ids=[next(iter(b[0])) + "=" + str(next(iter(b[0].values())))
-                                                              for b in BAD])
+@pytest.mark.parametrize(
+    ("patch", "field", "hint"), BAD, ids=[next(iter(b[0])) + "=" + str(next(iter(b[0].values()))) for b in BAD]
+)
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, patch, field, hint):
     p = write(tmp_path, patch)
     work = tmp_path / "runs"
@@ -102,9 +113,13 @@ def test_missing_file_and_multi_document(tmp_path, capsys):
 
 def test_console_script_exit_code(tmp_path):
     p = write(tmp_path, {"spec.search.samplesPerEpoch": 1})
-    out = subprocess.run([sys.executable, "-m", "amlfs.cli", "run", str(p), "--workdir", str(tmp_path / "w")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "amlfs.cli", "run", str(p), "--workdir", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         f"amlfs: error: {p}: spec.search.samplesPerEpoch: Input should be greater than or equal to 2 (got 1); "
-        "use a value >= 2"]
+        "use a value >= 2"
+    ]

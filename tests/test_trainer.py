@@ -16,19 +16,34 @@ from amlfs.spaces import SpaceConfig, get_space
 from amlfs.spec import LossSearchSpec, spec_to_json
 from amlfs_trainer.cli import EXIT_CONFIG, EXIT_OK, main
 
-SPEC = LossSearchSpec.model_validate({
-    "task": {"dataset": "digits", "batchSize": 32, "trainLimit": 256},
-    "model": {"name": "small-cnn", "width": 8},
-    "optimizer": {"lr": 0.05},
-    "search": {"epochs": 3, "samplesPerEpoch": 2, "intervals": 4},
-})
+SPEC = LossSearchSpec.model_validate(
+    {
+        "task": {"dataset": "digits", "batchSize": 32, "trainLimit": 256},
+        "model": {"name": "small-cnn", "width": 8},
+        "optimizer": {"lr": 0.05},
+        "search": {"epochs": 3, "samplesPerEpoch": 2, "intervals": 4},
+    }
+)
 
 
 def args(tmp_path: Path, epoch: int, sample: int, out: str, *extra: str, spec: LossSearchSpec = SPEC) -> list[str]:
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(spec_to_json(spec))
-    return ["--spec", f"@{spec_file}", "--search", "t", "--epoch", str(epoch), "--sample", str(sample),
-            "--output", out, "--device", "cpu", *extra]
+    return [
+        "--spec",
+        f"@{spec_file}",
+        "--search",
+        "t",
+        "--epoch",
+        str(epoch),
+        "--sample",
+        str(sample),
+        "--output",
+        out,
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def identity() -> list[float]:
@@ -53,8 +68,23 @@ def test_one_epoch_then_the_next_from_its_checkpoint(tmp_path):
 
     out1 = f"file://{tmp_path}/e1/s1"
     theta = [v + 0.1 for v in identity()]
-    assert main(args(tmp_path, 1, 1, out1, "--start", r0["checkpoint"], "--start-sha256", r0["sha256"],
-                     "--theta", json.dumps(theta))) == EXIT_OK
+    assert (
+        main(
+            args(
+                tmp_path,
+                1,
+                1,
+                out1,
+                "--start",
+                r0["checkpoint"],
+                "--start-sha256",
+                r0["sha256"],
+                "--theta",
+                json.dumps(theta),
+            )
+        )
+        == EXIT_OK
+    )
     r1 = storage.read_json(f"{out1}/result.json")
     ck1 = torch.load(Path(storage.parse(r1["checkpoint"]).key), weights_only=False)
     assert ck1["epoch"] == 2 and r1["theta"] == theta
@@ -129,21 +159,42 @@ def test_round_trip_through_real_s3_in_a_subprocess(tmp_path, s3_server):
     spec_file.write_text(spec_to_json(SPEC))
     base = f"s3://{s3_server.bucket}/trainer-{os.urandom(3).hex()}"
     common = [sys.executable, "-m", "amlfs_trainer.cli", "--device", "cpu", "--search", "s3t"]
-    env |= {"AMLFS_SPEC": spec_file.read_text(), "AMLFS_EPOCH": "0", "AMLFS_SAMPLE": "0",
-            "AMLFS_OUTPUT": f"{base}/e0"}  # pods pass everything by environment
+    env |= {
+        "AMLFS_SPEC": spec_file.read_text(),
+        "AMLFS_EPOCH": "0",
+        "AMLFS_SAMPLE": "0",
+        "AMLFS_OUTPUT": f"{base}/e0",
+    }  # pods pass everything by environment
     p = subprocess.run(common, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     c = s3_server.client()
-    result = json.loads(c.get_object(Bucket=s3_server.bucket, Key=f"{base[len('s3://amlfs/'):]}/e0/result.json")
-                        ["Body"].read())
+    result = json.loads(
+        c.get_object(Bucket=s3_server.bucket, Key=f"{base[len('s3://amlfs/') :]}/e0/result.json")["Body"].read()
+    )
     assert result["sha256"] == summary["sha256"] and result["checkpoint"] == f"{base}/e0/checkpoint.pt"
-    p = subprocess.run([*common, "--epoch", "1", "--output", f"{base}/e1", "--start", result["checkpoint"],
-                        "--start-sha256", result["sha256"]], env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            *common,
+            "--epoch",
+            "1",
+            "--output",
+            f"{base}/e1",
+            "--start",
+            result["checkpoint"],
+            "--start-sha256",
+            result["sha256"],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
-    body = c.get_object(Bucket=s3_server.bucket, Key=f"{base[len('s3://amlfs/'):]}/e1/checkpoint.pt")["Body"].read()
-    r1 = json.loads(c.get_object(Bucket=s3_server.bucket, Key=f"{base[len('s3://amlfs/'):]}/e1/result.json")
-                    ["Body"].read())
+    body = c.get_object(Bucket=s3_server.bucket, Key=f"{base[len('s3://amlfs/') :]}/e1/checkpoint.pt")["Body"].read()
+    r1 = json.loads(
+        c.get_object(Bucket=s3_server.bucket, Key=f"{base[len('s3://amlfs/') :]}/e1/result.json")["Body"].read()
+    )
     import hashlib
 
     assert hashlib.sha256(body).hexdigest() == r1["sha256"]

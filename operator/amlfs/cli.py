@@ -1,9 +1,9 @@
 """`amlfs`: the user's command line.
 
-  amlfs run [FILE.yaml]       run a whole search on this machine (default: the bundled digits-quick example)
-  amlfs validate FILE.yaml    check a LossSearch manifest
-  amlfs example [NAME]        print a bundled example manifest
-  amlfs crd                   print the LossSearch CustomResourceDefinition (generated from the spec models)
+amlfs run [FILE.yaml]       run a whole search on this machine (default: the bundled digits-quick example)
+amlfs validate FILE.yaml    check a LossSearch manifest
+amlfs example [NAME]        print a bundled example manifest
+amlfs crd                   print the LossSearch CustomResourceDefinition (generated from the spec models)
 """
 
 from __future__ import annotations
@@ -88,8 +88,14 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     workdir = Path(args.workdir)
     spec = manifest.spec
     epochs, per_epoch = spec.search.epochs, spec.search.samples_per_epoch
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, disable=args.quiet)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.quiet,
+    )
     ep_task = progress.add_task("epochs", total=epochs)
     s_task = progress.add_task("samples", total=per_epoch)
 
@@ -98,17 +104,25 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             st = data["status"]
             done = sum(1 for x in st.samples if x.state in ("Succeeded", "NoReward", "Failed", "ConfigError"))
             progress.update(ep_task, completed=st.epoch, total=max(epochs, st.epoch))
-            progress.update(s_task, completed=done, total=max(1, len(st.samples)) if st.samples else per_epoch,
-                            description=f"epoch {st.epoch} samples")
+            progress.update(
+                s_task,
+                completed=done,
+                total=max(1, len(st.samples)) if st.samples else per_epoch,
+                description=f"epoch {st.epoch} samples",
+            )
         elif kind == "epoch":
-            progress.console.print(f"epoch {data['epoch']}: best {data['bestReward']:.4f} (sample {data['best']}), "
-                                   f"mean {data['meanReward']:.4f}, |Δμ| {data['muStep']:.3f}")
+            progress.console.print(
+                f"epoch {data['epoch']}: best {data['bestReward']:.4f} (sample {data['best']}), "
+                f"mean {data['meanReward']:.4f}, |Δμ| {data['muStep']:.3f}"
+            )
         elif kind == "sample-failed":
-            progress.console.print(f"[yellow]epoch {data['epoch']} sample {data['sample']} exited {data['rc']}: "
-                                   f"{data['message']}[/]")
+            progress.console.print(
+                f"[yellow]epoch {data['epoch']} sample {data['sample']} exited {data['rc']}: {data['message']}[/]"
+            )
 
-    runner = LocalRunner(manifest, workdir, parallel=parallel, device=args.device, threads=args.threads,
-                         on_event=on_event)
+    runner = LocalRunner(
+        manifest, workdir, parallel=parallel, device=args.device, threads=args.threads, on_event=on_event
+    )
     console.print(f"amlfs: search {manifest.metadata.name!r} from {path} in {runner.dir} ({parallel} at a time)")
     with progress:
         status = runner.run()

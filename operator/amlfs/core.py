@@ -158,12 +158,18 @@ def program_for(spec: LossSearchSpec, theta: list[float]) -> dict[str, Any]:
 
 def initial_status(spec: LossSearchSpec) -> LossSearchStatus:
     mu = initial_mu(spec)
-    return LossSearchStatus(phase="Pending", epoch=0, mu=mu, sigma=spec.search.sigma,
-                            adam=AdamState(step=0, m=[0.0] * len(mu), v=[0.0] * len(mu)))
+    return LossSearchStatus(
+        phase="Pending",
+        epoch=0,
+        mu=mu,
+        sigma=spec.search.sigma,
+        adam=AdamState(step=0, m=[0.0] * len(mu), v=[0.0] * len(mu)),
+    )
 
 
-def step(spec: LossSearchSpec, status: LossSearchStatus | None, observations: list[Observation],
-         root: str) -> tuple[LossSearchStatus, list[Action]]:
+def step(
+    spec: LossSearchSpec, status: LossSearchStatus | None, observations: list[Observation], root: str
+) -> tuple[LossSearchStatus, list[Action]]:
     """Decide the next status and actions. Pure: same inputs, same outputs."""
     st = initial_status(spec) if status is None or not status.mu else status.model_copy(deep=True)
     s = _Step(spec, st, Layout(root))
@@ -214,9 +220,18 @@ def _plan_epoch(s: _Step) -> None:
 def _start_pending(s: _Step) -> None:
     for x in s.st.samples:
         if x.state == "Pending":
-            s.actions.append(StartSample(epoch=s.st.epoch, sample=x.index, attempt=x.attempt, theta=list(x.theta),
-                                         program=program_for(s.spec, x.theta), start=s.st.start,
-                                         output=s.layout.sample_dir(s.st.epoch, x.index), restarts=x.restarts))
+            s.actions.append(
+                StartSample(
+                    epoch=s.st.epoch,
+                    sample=x.index,
+                    attempt=x.attempt,
+                    theta=list(x.theta),
+                    program=program_for(s.spec, x.theta),
+                    start=s.st.start,
+                    output=s.layout.sample_dir(s.st.epoch, x.index),
+                    restarts=x.restarts,
+                )
+            )
 
 
 def _observe(s: _Step, observations: list[Observation]) -> None:
@@ -262,8 +277,10 @@ def _close_epoch(s: _Step) -> None:
     if len(got) < spec.search.min_samples:
         failures = "; ".join(f"sample {x.index}: {x.message}" for x in st.samples if x.state != "Succeeded")
         st.phase, st.reason = "Failed", "TooFewRewards"
-        st.message = (f"epoch {st.epoch}: {len(got)} of {len(st.samples)} samples produced a reward, "
-                      f"minSamples is {spec.search.min_samples}. {failures}")[:1000]
+        st.message = (
+            f"epoch {st.epoch}: {len(got)} of {len(st.samples)} samples produced a reward, "
+            f"minSamples is {spec.search.min_samples}. {failures}"
+        )[:1000]
         s.actions.append(Finished("Failed", st.message))
         return
     best_i = reinforce.best_index(rewards)
@@ -271,25 +288,38 @@ def _close_epoch(s: _Step) -> None:
     bx = st.samples[best_i]
     old_mu = list(st.mu)
     if spec.search.mode == "search":
-        grad = reinforce.reinforce_gradient(st.mu, [st.samples[i].theta for i in got],
-                                            [rewards[i] for i in got], st.sigma)
+        grad = reinforce.reinforce_gradient(
+            st.mu, [st.samples[i].theta for i in got], [rewards[i] for i in got], st.sigma
+        )
         if grad is not None:
             st.mu, st.adam = reinforce.adam_ascent(st.mu, grad, st.adam, spec.search.lr)
             if spec.search.mu_bound > 0:
                 st.mu = reinforce.clip_to(st.mu, initial_mu(spec), spec.search.mu_bound)
     mu_step = math.sqrt(sum((a - b) ** 2 for a, b in zip(st.mu, old_mu, strict=True)))
     valid = [rewards[i] for i in got]
-    record = EpochRecord(epoch=st.epoch, rewards=rewards, best=best_i, best_reward=bx.reward,
-                         mean_reward=sum(valid) / len(valid), mu_step=mu_step)
+    record = EpochRecord(
+        epoch=st.epoch,
+        rewards=rewards,
+        best=best_i,
+        best_reward=bx.reward,
+        mean_reward=sum(valid) / len(valid),
+        mu_step=mu_step,
+    )
     st.history = [*st.history, record][-HISTORY_LIMIT:]
     full = record.model_dump(mode="json", by_alias=True) | {
-        "thetas": [x.theta for x in st.samples], "states": [x.state for x in st.samples],
-        "muBefore": old_mu, "muAfter": list(st.mu), "checkpoint": bx.checkpoint, "sha256": bx.sha256}
+        "thetas": [x.theta for x in st.samples],
+        "states": [x.state for x in st.samples],
+        "muBefore": old_mu,
+        "muAfter": list(st.mu),
+        "checkpoint": bx.checkpoint,
+        "sha256": bx.sha256,
+    }
     s.actions.append(AppendHistory(lay.history, full))
     targets = [lay.epoch_best(st.epoch)]
     if st.best is None or bx.reward > st.best.reward:
-        st.best = Best(epoch=st.epoch, sample=best_i, reward=bx.reward,
-                       checkpoint=f"{lay.best}/{CHECKPOINT}", sha256=bx.sha256)
+        st.best = Best(
+            epoch=st.epoch, sample=best_i, reward=bx.reward, checkpoint=f"{lay.best}/{CHECKPOINT}", sha256=bx.sha256
+        )
         targets.append(lay.best)
     s.actions.append(Promote(st.epoch, best_i, lay.sample_dir(st.epoch, best_i), targets))
     st.start = Checkpoint(uri=bx.checkpoint, sha256=bx.sha256)
@@ -307,9 +337,20 @@ def _finish(s: _Step) -> tuple[LossSearchStatus, list[Action]]:
         s.actions.append(Promote(last.epoch, last.best, lay.sample_dir(last.epoch, last.best), [lay.final]))
     space = get_space(s.spec.search.space)
     cfg = space_config(s.spec)
-    s.actions.append(WriteJson(f"{lay.final}/mu.json", {
-        "space": space.name, "parameterization": cfg.parameterization, "intervals": cfg.intervals,
-        "names": space.names(cfg), "mu": list(st.mu), "sigma": st.sigma,
-        "program": space.program(list(st.mu), cfg), "epochs": st.epoch}))
+    s.actions.append(
+        WriteJson(
+            f"{lay.final}/mu.json",
+            {
+                "space": space.name,
+                "parameterization": cfg.parameterization,
+                "intervals": cfg.intervals,
+                "names": space.names(cfg),
+                "mu": list(st.mu),
+                "sigma": st.sigma,
+                "program": space.program(list(st.mu), cfg),
+                "epochs": st.epoch,
+            },
+        )
+    )
     s.actions.append(Finished("Succeeded", st.message))
     return st, s.actions

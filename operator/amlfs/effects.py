@@ -6,8 +6,9 @@ from __future__ import annotations
 from amlfs import core, storage
 
 
-def read_result(root: str, epoch: int, sample: int, attempt: int,
-                theta: list[float] | None = None) -> core.Observation | None:
+def read_result(
+    root: str, epoch: int, sample: int, attempt: int, theta: list[float] | None = None
+) -> core.Observation | None:
     """The sample's result.json as an observation; None when it is missing, unreadable or half-visible, or
     (given theta) left over from another search in the same place."""
     uri = f"{core.Layout(root).sample_dir(epoch, sample)}/{core.RESULT}"
@@ -18,8 +19,15 @@ def read_result(root: str, epoch: int, sample: int, attempt: int,
     if theta is not None and r.get("theta") != theta:
         return None
     outcome = "succeeded" if r.get("status") == "ok" else "no-reward"
-    return core.Observation(epoch, sample, outcome, attempt, reward=r.get("reward"), sha256=r.get("sha256", ""),
-                            message=r.get("message", ""))
+    return core.Observation(
+        epoch,
+        sample,
+        outcome,
+        attempt,
+        reward=r.get("reward"),
+        sha256=r.get("sha256", ""),
+        message=r.get("message", ""),
+    )
 
 
 def apply_storage(action: core.Action) -> None:

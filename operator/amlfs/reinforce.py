@@ -14,8 +14,7 @@ def noise(seed: int, epoch: int, sample: int, dim: int) -> list[float]:
     return [rng.gauss(0.0, 1.0) for _ in range(dim)]
 
 
-def sample_thetas(mu: list[float], sigma: float, seed: int, epoch: int, count: int,
-                  elitism: bool) -> list[list[float]]:
+def sample_thetas(mu: list[float], sigma: float, seed: int, epoch: int, count: int, elitism: bool) -> list[list[float]]:
     out = []
     for i in range(count):
         if elitism and i == 0:
@@ -39,8 +38,9 @@ def normalized(rewards: list[float]) -> list[float] | None:
     return [(r - mean) / sd for r in rewards]
 
 
-def reinforce_gradient(mu: list[float], thetas: list[list[float]], rewards: list[float],
-                       sigma: float) -> list[float] | None:
+def reinforce_gradient(
+    mu: list[float], thetas: list[list[float]], rewards: list[float], sigma: float
+) -> list[float] | None:
     """Score-function estimate of d E[R] / d mu = E[z (theta - mu) / sigma^2] over the rewarded samples."""
     z = normalized(rewards)
     if z is None:
@@ -53,14 +53,21 @@ def reinforce_gradient(mu: list[float], thetas: list[list[float]], rewards: list
     return grad
 
 
-def adam_ascent(mu: list[float], grad: list[float], state: AdamState, lr: float, beta1: float = 0.9,
-                beta2: float = 0.999, eps: float = 1e-8) -> tuple[list[float], AdamState]:
+def adam_ascent(
+    mu: list[float],
+    grad: list[float],
+    state: AdamState,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+) -> tuple[list[float], AdamState]:
     m = state.m or [0.0] * len(mu)
     v = state.v or [0.0] * len(mu)
     step = state.step + 1
     m = [beta1 * a + (1 - beta1) * g for a, g in zip(m, grad, strict=True)]
     v = [beta2 * a + (1 - beta2) * g * g for a, g in zip(v, grad, strict=True)]
-    c1, c2 = 1 - beta1 ** step, 1 - beta2 ** step
+    c1, c2 = 1 - beta1**step, 1 - beta2**step
     new_mu = [x + lr * (a / c1) / (math.sqrt(b / c2) + eps) for x, a, b in zip(mu, m, v, strict=True)]
     return new_mu, AdamState(step=step, m=m, v=v)
 

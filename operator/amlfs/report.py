@@ -20,8 +20,14 @@ def summary_table(status: LossSearchStatus, history: list[dict[str, Any]], spec:
         t.add_column(col, justify="right" if col != "rewards" else "left")
     for r in history:
         rewards = " ".join("—" if v is None else f"{v:.3f}" for v in r["rewards"])
-        t.add_row(str(r["epoch"]), str(r["best"]), f"{r['bestReward']:.4f}", f"{r['meanReward']:.4f}", rewards,
-                  f"{r['muStep']:.3f}")
+        t.add_row(
+            str(r["epoch"]),
+            str(r["best"]),
+            f"{r['bestReward']:.4f}",
+            f"{r['meanReward']:.4f}",
+            rewards,
+            f"{r['muStep']:.3f}",
+        )
     return t
 
 
@@ -36,14 +42,17 @@ def mu_table(status: LossSearchStatus, spec: LossSearchSpec) -> Table:
     return t
 
 
-def print_summary(console: Console, status: LossSearchStatus, history: list[dict[str, Any]],
-                  spec: LossSearchSpec) -> None:
+def print_summary(
+    console: Console, status: LossSearchStatus, history: list[dict[str, Any]], spec: LossSearchSpec
+) -> None:
     console.print(summary_table(status, history, spec))
     if spec.search.mode == "search":
         console.print(mu_table(status, spec))
     if status.best is not None:
-        console.print(f"best reward {status.best.reward:.4f} (epoch {status.best.epoch}, sample "
-                      f"{status.best.sample}) → {status.best.checkpoint}")
+        console.print(
+            f"best reward {status.best.reward:.4f} (epoch {status.best.epoch}, sample "
+            f"{status.best.sample}) → {status.best.checkpoint}"
+        )
 
 
 def write_png(path: Path, status: LossSearchStatus, history: list[dict[str, Any]], spec: LossSearchSpec) -> Path:
@@ -59,8 +68,13 @@ def write_png(path: Path, status: LossSearchStatus, history: list[dict[str, Any]
         ax.scatter([r["epoch"]] * len(ys), ys, s=14, color="tab:blue", alpha=0.5)
     if history:
         ax.plot([r["epoch"] for r in history], [r["bestReward"] for r in history], color="tab:red", label="best")
-        ax.plot([r["epoch"] for r in history], [r["meanReward"] for r in history], color="tab:gray",
-                label="mean", linestyle="--")
+        ax.plot(
+            [r["epoch"] for r in history],
+            [r["meanReward"] for r in history],
+            color="tab:gray",
+            label="mean",
+            linestyle="--",
+        )
         ax.legend()
     ax.set_xlabel("epoch")
     ax.set_ylabel("reward (validation accuracy)")
@@ -68,8 +82,10 @@ def write_png(path: Path, status: LossSearchStatus, history: list[dict[str, Any]
     cfg = space_config(spec)
     final, ident = program_for(spec, status.mu), program_for(spec, get_space(spec.search.space).identity(cfg))
     first = program_for(spec, history[0]["muBefore"]) if history else ident
-    for ax, which, lo, hi, label in ((axes[1], "t", cfg.t_lo, cfg.t_hi, "target logit / cosine"),
-                                     (axes[2], "tau", 0.0, 1.0, "softmax probability p")):
+    for ax, which, lo, hi, label in (
+        (axes[1], "t", cfg.t_lo, cfg.t_hi, "target logit / cosine"),
+        (axes[2], "tau", 0.0, 1.0, "softmax probability p"),
+    ):
         n = 400
         xs = [lo + (hi - lo) * k / (n - 1) for k in range(n)]
         ax.plot(xs, [evaluate(ident, which, x) for x in xs], color="gray", linestyle=":", label="identity (CE)")

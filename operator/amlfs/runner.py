@@ -51,15 +51,27 @@ class Proc:
 
 
 class LocalRunner:
-    def __init__(self, manifest: LossSearch, workdir: Path, parallel: int = 1, device: str = "auto",
-                 threads: int = 0, on_event: Callable[[str, dict], None] | None = None,
-                 trainer: list[str] | None = None, cache_dir: Path | None = None, inline: bool = False) -> None:
+    def __init__(
+        self,
+        manifest: LossSearch,
+        workdir: Path,
+        parallel: int = 1,
+        device: str = "auto",
+        threads: int = 0,
+        on_event: Callable[[str, dict], None] | None = None,
+        trainer: list[str] | None = None,
+        cache_dir: Path | None = None,
+        inline: bool = False,
+    ) -> None:
         self.manifest = manifest
         self.spec: LossSearchSpec = manifest.spec
         self.name = manifest.metadata.name
         self.dir = (workdir / self.name).absolute()
-        self.root = storage.normalize(storage.join(self.spec.storage.uri, self.name)) if self.spec.storage.uri \
+        self.root = (
+            storage.normalize(storage.join(self.spec.storage.uri, self.name))
+            if self.spec.storage.uri
             else f"file://{self.dir}"
+        )
         self.parallel = max(1, parallel)
         self.device = device
         self.gpus = _gpu_count() if device in ("auto", "cuda") else 0
@@ -91,13 +103,17 @@ class LocalRunner:
         new = json.loads(self.spec.model_dump_json(by_alias=True))
         for key in IMMUTABLE:
             if old.get("search", {}).get(key) != new["search"].get(key):
-                raise SpecError(f"spec.search.{key}: changed since this search began in {self.dir} "
-                                f"({old['search'].get(key)!r} -> {new['search'].get(key)!r}); keep it, or use "
-                                "a new metadata.name or --workdir")
+                raise SpecError(
+                    f"spec.search.{key}: changed since this search began in {self.dir} "
+                    f"({old['search'].get(key)!r} -> {new['search'].get(key)!r}); keep it, or use "
+                    "a new metadata.name or --workdir"
+                )
         for key in ("task", "model"):
             if old.get(key) != new[key]:
-                raise SpecError(f"spec.{key}: changed since this search began in {self.dir}; keep it, or use a "
-                                "new metadata.name or --workdir")
+                raise SpecError(
+                    f"spec.{key}: changed since this search began in {self.dir}; keep it, or use a "
+                    "new metadata.name or --workdir"
+                )
 
     def save(self, status: LossSearchStatus) -> None:
         storage.write_bytes(str(self.status_path), (json.dumps(status.to_json_dict(), indent=1) + "\n").encode())
@@ -176,10 +192,27 @@ class LocalRunner:
             self.on_event("finished", {"phase": action.phase, "message": action.message})
 
     def command(self, a: core.StartSample) -> list[str]:
-        cmd = [*self.trainer, "--spec", f"@{self.spec_path}", "--search", self.name,
-               "--namespace", self.manifest.metadata.namespace, "--epoch", str(a.epoch), "--sample", str(a.sample),
-               "--attempt", str(a.attempt), "--theta", json.dumps(a.theta), "--output", a.output,
-               "--cache-dir", str(self.cache_dir)]
+        cmd = [
+            *self.trainer,
+            "--spec",
+            f"@{self.spec_path}",
+            "--search",
+            self.name,
+            "--namespace",
+            self.manifest.metadata.namespace,
+            "--epoch",
+            str(a.epoch),
+            "--sample",
+            str(a.sample),
+            "--attempt",
+            str(a.attempt),
+            "--theta",
+            json.dumps(a.theta),
+            "--output",
+            a.output,
+            "--cache-dir",
+            str(self.cache_dir),
+        ]
         if a.start is not None:
             cmd += ["--start", a.start.uri, "--start-sha256", a.start.sha256]
         return cmd
@@ -198,8 +231,13 @@ class LocalRunner:
             self.on_event("start", {"epoch": a.epoch, "sample": a.sample, "attempt": a.attempt})
             return
         with open(log, "wb") as f:
-            popen = subprocess.Popen([*self.command(a), "--device", device], stdout=f, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
+            popen = subprocess.Popen(
+                [*self.command(a), "--device", device],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         self.procs[a.sample] = Proc(a.epoch, a.sample, a.attempt, popen, log)
         self.on_event("start", {"epoch": a.epoch, "sample": a.sample, "attempt": a.attempt})
 
@@ -209,7 +247,7 @@ class LocalRunner:
         from amlfs_trainer.cli import main as trainer_main
 
         with open(log, "w") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
-            return _Finished(trainer_main([*self.command(a)[len(self.trainer):], "--device", device]))
+            return _Finished(trainer_main([*self.command(a)[len(self.trainer) :], "--device", device]))
 
     def wait(self) -> None:
         while self.procs and all(p.popen.poll() is None for p in self.procs.values()):

@@ -41,14 +41,16 @@ def cel(*rules: tuple[str, str] | dict[str, str]) -> dict[str, Any]:
 
     Messages name the field and the fix. Pydantic ignores these; amlfs.crd copies them into the CRD.
     """
-    return {"x-kubernetes-validations": [r if isinstance(r, dict) else {"rule": r[0], "message": r[1]}
-                                         for r in rules]}
+    return {"x-kubernetes-validations": [r if isinstance(r, dict) else {"rule": r[0], "message": r[1]} for r in rules]}
 
 
 def immutable(path: str, why: str) -> tuple[str, str]:
     """A transition rule: the field keeps the value it was created with."""
-    return ("self == oldSelf", f"{path} is immutable once the LossSearch is created ({why}); "
-            "delete and re-create the LossSearch (or create a new one) to change it")
+    return (
+        "self == oldSelf",
+        f"{path} is immutable once the LossSearch is created ({why}); "
+        "delete and re-create the LossSearch (or create a new one) to change it",
+    )
 
 
 # The CEL twin of STORAGE_URI (RE2 syntax: '-' last in the class instead of an escaped '\-').
@@ -66,31 +68,43 @@ class Model(BaseModel):
 class TaskSpec(Model):
     """What to train on."""
 
-    dataset: Dataset = Field("digits", description="Dataset name: digits, mnist1d, cifar10, cifar100, mnist, "
-                             "fashion-mnist or imagefolder.")
-    data_root: str = Field("", description="Local directory or s3:// prefix holding the dataset files "
-                           "(torchvision layout). Unused for digits and mnist1d, which are built offline.")
+    dataset: Dataset = Field(
+        "digits", description="Dataset name: digits, mnist1d, cifar10, cifar100, mnist, fashion-mnist or imagefolder."
+    )
+    data_root: str = Field(
+        "",
+        description="Local directory or s3:// prefix holding the dataset files "
+        "(torchvision layout). Unused for digits and mnist1d, which are built offline.",
+    )
     download: bool = Field(False, description="Let torchvision download the dataset into dataRoot when missing.")
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training set held out as the "
-                                "validation split (the reward). Carved with a fixed seed; the test set is never "
-                                "used for the reward.")
+    val_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Share of the training set held out as the "
+        "validation split (the reward). Carved with a fixed seed; the test set is never "
+        "used for the reward.",
+    )
     split_seed: int = Field(0, ge=0, description="Seed of the train/validation split.")
     batch_size: int = Field(128, ge=1, le=65536, description="Training batch size per sample.")
     eval_batch_size: int = Field(1024, ge=1, le=65536, description="Batch size for validation and test passes.")
     augment: bool = Field(True, description="Standard augmentation (random crop + flip for CIFAR-style images).")
-    train_limit: int = Field(0, ge=0, description="Use at most this many training examples (0: all). "
-                             "For smoke tests.")
+    train_limit: int = Field(0, ge=0, description="Use at most this many training examples (0: all). For smoke tests.")
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader workers, for imagefolder only.")
 
 
 class ModelSpec(Model):
     """The network and its classifier head."""
 
-    name: ModelName = Field("small-cnn", description="mlp, small-cnn, cnn1d (mnist1d), resnet20/32/56 (CIFAR), "
-                            "resnet18/50 (torchvision).")
-    head: Literal["linear", "cosine"] = Field("linear", description="linear: plain logits, t acts on the target "
-                                              "logit. cosine: normalised features and weights, t acts on the "
-                                              "target cosine and logits are scale * cosine.")
+    name: ModelName = Field(
+        "small-cnn", description="mlp, small-cnn, cnn1d (mnist1d), resnet20/32/56 (CIFAR), resnet18/50 (torchvision)."
+    )
+    head: Literal["linear", "cosine"] = Field(
+        "linear",
+        description="linear: plain logits, t acts on the target "
+        "logit. cosine: normalised features and weights, t acts on the "
+        "target cosine and logits are scale * cosine.",
+    )
     scale: float = Field(16.0, gt=0.0, le=128.0, description="Cosine-head scale s.")
     width: int = Field(32, ge=4, le=1024, description="Base width of mlp/small-cnn/cnn1d.")
 
@@ -99,16 +113,25 @@ class OptimizerSpec(Model):
     """The network's optimiser and learning-rate schedule (across search epochs)."""
 
     name: Literal["sgd", "adamw"] = Field("sgd", description="sgd (with momentum) or adamw.")
-    lr: float = Field(0.1, gt=0.0, description="Peak learning rate.", json_schema_extra=cel(
-        ("self > 0.0", "spec.optimizer.lr must be greater than 0 (the peak learning rate); set e.g. lr: 0.1")))
+    lr: float = Field(
+        0.1,
+        gt=0.0,
+        description="Peak learning rate.",
+        json_schema_extra=cel(
+            ("self > 0.0", "spec.optimizer.lr must be greater than 0 (the peak learning rate); set e.g. lr: 0.1")
+        ),
+    )
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (adamw: beta1), in [0, 1).")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd only).")
     weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay (adamw: decoupled).")
-    schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="Per-iteration schedule over "
-                                                            "all search epochs.")
+    schedule: Literal["cosine", "step", "constant"] = Field(
+        "cosine", description="Per-iteration schedule over all search epochs."
+    )
     warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length, in epochs.")
-    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="step schedule: fractions "
-                                    "of the run at which the LR is multiplied by gamma.")
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75],
+        description="step schedule: fractions of the run at which the LR is multiplied by gamma.",
+    )
     gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule: LR factor at each milestone.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Only used by the softmax preset.")
 
@@ -116,8 +139,9 @@ class OptimizerSpec(Model):
 class InitSpec(Model):
     """Where the loss distribution's mean starts: a named preset approximated in the search space."""
 
-    preset: PresetName = Field("softmax", description="softmax (identity: plain cross-entropy), cosface, arcface "
-                               "or focal.")
+    preset: PresetName = Field(
+        "softmax", description="softmax (identity: plain cross-entropy), cosface, arcface or focal."
+    )
     margin: float = Field(0.35, ge=0.0, le=1.5, description="cosface/arcface margin m.")
     gamma: float = Field(2.0, ge=0.0, le=10.0, description="focal gamma.")
 
@@ -125,81 +149,152 @@ class InitSpec(Model):
 class SearchSpec(Model):
     """The loss-function search itself."""
 
-    model_config = ConfigDict(json_schema_extra=cel({
-        # has(): the API server also checks the `default: {}` of search, before nested defaults fill it in
-        "rule": "!has(self.minSamples) || !has(self.samplesPerEpoch) || self.minSamples <= self.samplesPerEpoch",
-        "message": "spec.search.minSamples must not exceed spec.search.samplesPerEpoch (an epoch could never "
-                   "close); lower minSamples or raise samplesPerEpoch",
-        "fieldPath": ".minSamples",
-    }))
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            {
+                # has(): the API server also checks the `default: {}` of search, before nested defaults fill it in
+                "rule": "!has(self.minSamples) || !has(self.samplesPerEpoch) "
+                "|| self.minSamples <= self.samplesPerEpoch",
+                "message": "spec.search.minSamples must not exceed spec.search.samplesPerEpoch (an epoch could never "
+                "close); lower minSamples or raise samplesPerEpoch",
+                "fieldPath": ".minSamples",
+            }
+        )
+    )
 
-    mode: Literal["search", "selection-only"] = Field("search", description="search: sample losses around mu and "
-                                                      "update mu by REINFORCE. selection-only: every sample trains "
-                                                      "with the init loss and only best-of-B selection happens "
-                                                      "(the baseline every quality claim is measured against).",
-                                                      json_schema_extra=cel(immutable(
-                                                          "spec.search.mode", "it fixes what mu means")))
-    space: SpaceName = Field("amlfs", description="amlfs (piecewise-linear t and tau) or search-softmax.",
-                             json_schema_extra=cel(immutable("spec.search.space", "mu lives in this space")))
-    parameterization: Literal["monotone", "paper"] = Field("monotone", description="amlfs space only. monotone: "
-                                                           "continuous increasing t and tau given by log-slopes "
-                                                           "and an offset (stable default). paper: independent "
-                                                           "slope and intercept per piece, as in the AM-LFS paper.",
-                                                           json_schema_extra=cel(immutable(
-                                                               "spec.search.parameterization",
-                                                               "it fixes what mu means")))
-    intervals: int = Field(6, ge=1, le=64, description="M, the number of equal pieces of t and tau "
-                           "(search-softmax: probability bins; 1 = one global a).", json_schema_extra=cel(
-                               ("self >= 1 && self <= 64", "spec.search.intervals must be between 1 and 64 "
-                                "(M pieces of t and tau); set intervals: 1 to 64, e.g. 6"),
-                               immutable("spec.search.intervals", "mu's dimension depends on it")))
-    epochs: int = Field(10, ge=1, le=100000, description="Search epochs; each trains every sample one epoch. "
-                        "May be raised on a running search to extend it.", json_schema_extra=cel(
-                            ("self >= 1", "spec.search.epochs must be at least 1; set epochs: 1 or more")))
-    samples_per_epoch: int = Field(4, ge=2, le=256, description="B, samples of the loss per epoch.",
-                                   json_schema_extra=cel(
-                                       ("self >= 2", "spec.search.samplesPerEpoch must be at least 2 (B samples "
-                                        "per epoch); set samplesPerEpoch: 2 or more")))
-    sigma: float = Field(0.2, gt=0.0, le=10.0, description="Fixed std of the sampling distribution.",
-                         json_schema_extra=cel(
-                             ("self > 0.0", "spec.search.sigma must be greater than 0 (std of the sampling "
-                              "distribution); set e.g. sigma: 0.2")))
-    lr: float = Field(0.05, gt=0.0, le=10.0, description="Adam learning rate on mu.", json_schema_extra=cel(
-        ("self > 0.0", "spec.search.lr must be greater than 0 (Adam learning rate on mu); set e.g. lr: 0.05")))
-    seed: int = Field(0, ge=0, description="Seed of the whole search: samples, initial weights, data order.",
-                      json_schema_extra=cel(immutable("spec.search.seed", "the search replays from it")))
+    mode: Literal["search", "selection-only"] = Field(
+        "search",
+        description="search: sample losses around mu and "
+        "update mu by REINFORCE. selection-only: every sample trains "
+        "with the init loss and only best-of-B selection happens "
+        "(the baseline every quality claim is measured against).",
+        json_schema_extra=cel(immutable("spec.search.mode", "it fixes what mu means")),
+    )
+    space: SpaceName = Field(
+        "amlfs",
+        description="amlfs (piecewise-linear t and tau) or search-softmax.",
+        json_schema_extra=cel(immutable("spec.search.space", "mu lives in this space")),
+    )
+    parameterization: Literal["monotone", "paper"] = Field(
+        "monotone",
+        description="amlfs space only. monotone: "
+        "continuous increasing t and tau given by log-slopes "
+        "and an offset (stable default). paper: independent "
+        "slope and intercept per piece, as in the AM-LFS paper.",
+        json_schema_extra=cel(immutable("spec.search.parameterization", "it fixes what mu means")),
+    )
+    intervals: int = Field(
+        6,
+        ge=1,
+        le=64,
+        description="M, the number of equal pieces of t and tau (search-softmax: probability bins; 1 = one global a).",
+        json_schema_extra=cel(
+            (
+                "self >= 1 && self <= 64",
+                "spec.search.intervals must be between 1 and 64 "
+                "(M pieces of t and tau); set intervals: 1 to 64, e.g. 6",
+            ),
+            immutable("spec.search.intervals", "mu's dimension depends on it"),
+        ),
+    )
+    epochs: int = Field(
+        10,
+        ge=1,
+        le=100000,
+        description="Search epochs; each trains every sample one epoch. "
+        "May be raised on a running search to extend it.",
+        json_schema_extra=cel(("self >= 1", "spec.search.epochs must be at least 1; set epochs: 1 or more")),
+    )
+    samples_per_epoch: int = Field(
+        4,
+        ge=2,
+        le=256,
+        description="B, samples of the loss per epoch.",
+        json_schema_extra=cel(
+            (
+                "self >= 2",
+                "spec.search.samplesPerEpoch must be at least 2 (B samples per epoch); set samplesPerEpoch: 2 or more",
+            )
+        ),
+    )
+    sigma: float = Field(
+        0.2,
+        gt=0.0,
+        le=10.0,
+        description="Fixed std of the sampling distribution.",
+        json_schema_extra=cel(
+            (
+                "self > 0.0",
+                "spec.search.sigma must be greater than 0 (std of the sampling distribution); set e.g. sigma: 0.2",
+            )
+        ),
+    )
+    lr: float = Field(
+        0.05,
+        gt=0.0,
+        le=10.0,
+        description="Adam learning rate on mu.",
+        json_schema_extra=cel(
+            ("self > 0.0", "spec.search.lr must be greater than 0 (Adam learning rate on mu); set e.g. lr: 0.05")
+        ),
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        description="Seed of the whole search: samples, initial weights, data order.",
+        json_schema_extra=cel(immutable("spec.search.seed", "the search replays from it")),
+    )
     elitism: bool = Field(True, description="Sample 0 of every epoch is mu itself.")
-    mu_bound: float = Field(1.0, ge=0.0, le=100.0, description="Trust region: every coordinate of mu stays within "
-                            "muBound of its initial value, so noisy rewards cannot drift the loss far away "
-                            "(0: unbounded, as in the paper).")
+    mu_bound: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="Trust region: every coordinate of mu stays within "
+        "muBound of its initial value, so noisy rewards cannot drift the loss far away "
+        "(0: unbounded, as in the paper).",
+    )
     min_samples: int = Field(1, ge=1, description="An epoch closes only with at least this many rewards.")
     max_retries: int = Field(2, ge=0, le=20, description="Re-runs of a sample that failed transiently.")
-    logit_range: float = Field(10.0, gt=0.0, le=1000.0, description="Linear heads: t is piecewise-linear on "
-                               "[-logitRange, logitRange] and extends its end pieces beyond.",
-                               json_schema_extra=cel(immutable("spec.search.logitRange", "it fixes what mu means")))
-    init: InitSpec = Field(default_factory=InitSpec, json_schema_extra=cel(
-        immutable("spec.search.init", "mu starts from it")))
+    logit_range: float = Field(
+        10.0,
+        gt=0.0,
+        le=1000.0,
+        description="Linear heads: t is piecewise-linear on "
+        "[-logitRange, logitRange] and extends its end pieces beyond.",
+        json_schema_extra=cel(immutable("spec.search.logitRange", "it fixes what mu means")),
+    )
+    init: InitSpec = Field(
+        default_factory=InitSpec, json_schema_extra=cel(immutable("spec.search.init", "mu starts from it"))
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SearchSpec:
         if self.min_samples > self.samples_per_epoch:
-            raise ValueError(f"minSamples ({self.min_samples}) must not exceed samplesPerEpoch "
-                             f"({self.samples_per_epoch})")
+            raise ValueError(
+                f"minSamples ({self.min_samples}) must not exceed samplesPerEpoch ({self.samples_per_epoch})"
+            )
         return self
 
 
 class StorageSpec(Model):
     """Where checkpoints, results and the history go."""
 
-    uri: str = Field("", description="s3://bucket/prefix or file:///path. Empty: the local runner's --workdir.",
-                     json_schema_extra=cel(
-                         (f"self == '' || self.matches('{STORAGE_URI_CEL}')",
-                          "spec.storage.uri must be empty, s3://bucket/prefix (bucket: 3-63 lowercase letters, "
-                          "digits, '.' or '-'), file:///path or an absolute path; fix the URI")))
+    uri: str = Field(
+        "",
+        description="s3://bucket/prefix or file:///path. Empty: the local runner's --workdir.",
+        json_schema_extra=cel(
+            (
+                f"self == '' || self.matches('{STORAGE_URI_CEL}')",
+                "spec.storage.uri must be empty, s3://bucket/prefix (bucket: 3-63 lowercase letters, "
+                "digits, '.' or '-'), file:///path or an absolute path; fix the URI",
+            )
+        ),
+    )
     endpoint: str = Field("", description="S3 endpoint URL for S3-compatible servers (empty: AWS).")
     region: str = Field("", description="S3 region (empty: from the environment).")
-    secret_name: str = Field("", description="Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                             "for trainer pods.")
+    secret_name: str = Field(
+        "", description="Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for trainer pods."
+    )
     delete_on_delete: bool = Field(False, description="Delete the search's objects when the resource is deleted.")
 
     @model_validator(mode="after")
@@ -225,33 +320,47 @@ class TrainerSpec(Model):
     active_deadline_seconds: int = Field(3600, ge=1, description="Kill a sample that runs longer than this.")
     metrics_port: int = Field(9400, ge=0, le=65535, description="Port of the trainer's /metrics (0: off).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
-        "IfNotPresent", description="imagePullPolicy of the trainer container.")
-    pod_template: dict[str, Any] = Field(default_factory=dict, description="A partial Pod (metadata and spec) "
-                                         "merged into every trainer pod: nodeSelector, tolerations, affinity, "
-                                         "labels/annotations (e.g. a Kueue queue name), priorityClassName, "
-                                         "schedulerName, resources, volumes.")
+        "IfNotPresent", description="imagePullPolicy of the trainer container."
+    )
+    pod_template: dict[str, Any] = Field(
+        default_factory=dict,
+        description="A partial Pod (metadata and spec) "
+        "merged into every trainer pod: nodeSelector, tolerations, affinity, "
+        "labels/annotations (e.g. a Kueue queue name), priorityClassName, "
+        "schedulerName, resources, volumes.",
+    )
 
 
 class LossSearchSpec(Model):
     """What to search: the task, the network, its optimiser, the search, where results go, how trainers run."""
 
-    model_config = ConfigDict(json_schema_extra=cel(
-        # `.?` / orValue: the API server also checks the `default: {}` of spec, before nested defaults fill it in
-        {"rule": "self.?search.?init.?preset.orValue('') != 'arcface' || self.?model.?head.orValue('') == 'cosine'",
-         "message": "spec.search.init.preset arcface needs spec.model.head: cosine; set model.head: cosine "
-                    "or pick another preset",
-         "fieldPath": ".search.init.preset"},
-        {"rule": "self.?search.?space.orValue('') != 'search-softmax' || self.?search.?mode.orValue('') != "
-                 "'search' || self.?search.?init.?preset.orValue('softmax') == 'softmax'",
-         "message": "spec.search.init.preset must be softmax when spec.search.space is search-softmax (other presets "
-                    "are not representable there); set search.init.preset: softmax",
-         "fieldPath": ".search.init.preset"},
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            # `.?` / orValue: the API server also checks the `default: {}` of spec, before nested defaults fill it in
+            {
+                "rule": "self.?search.?init.?preset.orValue('') != 'arcface' "
+                "|| self.?model.?head.orValue('') == 'cosine'",
+                "message": "spec.search.init.preset arcface needs spec.model.head: cosine; set model.head: cosine "
+                "or pick another preset",
+                "fieldPath": ".search.init.preset",
+            },
+            {
+                "rule": "self.?search.?space.orValue('') != 'search-softmax' || self.?search.?mode.orValue('') != "
+                "'search' || self.?search.?init.?preset.orValue('softmax') == 'softmax'",
+                "message": "spec.search.init.preset must be softmax when spec.search.space is search-softmax "
+                "(other presets are not representable there); set search.init.preset: softmax",
+                "fieldPath": ".search.init.preset",
+            },
+        )
+    )
 
-    task: TaskSpec = Field(default_factory=TaskSpec, json_schema_extra=cel(
-        immutable("spec.task", "every epoch trains on the same data")))
-    model: ModelSpec = Field(default_factory=ModelSpec, json_schema_extra=cel(
-        immutable("spec.model", "every epoch resumes the same network")))
+    task: TaskSpec = Field(
+        default_factory=TaskSpec, json_schema_extra=cel(immutable("spec.task", "every epoch trains on the same data"))
+    )
+    model: ModelSpec = Field(
+        default_factory=ModelSpec,
+        json_schema_extra=cel(immutable("spec.model", "every epoch resumes the same network")),
+    )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
@@ -264,8 +373,7 @@ class LossSearchSpec(Model):
         if init.preset == "arcface" and self.model.head != "cosine":
             raise ValueError("search.init.preset arcface needs model.head: cosine")
         if self.search.space == "search-softmax" and self.search.mode == "search" and init.preset != "softmax":
-            raise ValueError(f"search.init.preset {init.preset} is not representable in search-softmax; "
-                             "use softmax")
+            raise ValueError(f"search.init.preset {init.preset} is not representable in search-softmax; use softmax")
         return self
 
 

@@ -70,8 +70,9 @@ class Condition(Model):
     type: str = Field(max_length=316, description="Condition type in CamelCase, e.g. Ready.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     observed_generation: int = Field(0, ge=0, description="metadata.generation the condition was set from.")
-    last_transition_time: str = Field(description="When status last changed (RFC 3339).",
-                                      json_schema_extra={"format": "date-time"})
+    last_transition_time: str = Field(
+        description="When status last changed (RFC 3339).", json_schema_extra={"format": "date-time"}
+    )
     reason: str = Field("", max_length=1024, description="Programmatic CamelCase reason for the last transition.")
     message: str = Field("", max_length=32768, description="Human-readable details.")
 
@@ -82,16 +83,19 @@ class LossSearchStatus(Model):
     mu: list[float] = Field(default_factory=list)
     sigma: float = 0.0
     adam: AdamState = Field(default_factory=AdamState)
-    start: Checkpoint | None = Field(None, description="Checkpoint every sample of this epoch starts from "
-                                     "(none: initialise from the seed).")
+    start: Checkpoint | None = Field(
+        None, description="Checkpoint every sample of this epoch starts from (none: initialise from the seed)."
+    )
     samples: list[SampleStatus] = Field(default_factory=list)
     best: Best | None = None
     history: list[EpochRecord] = Field(default_factory=list, description=f"Last {HISTORY_LIMIT} epochs.")
     reason: str = ""
     message: str = ""
-    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing and Degraded.",
-                                        json_schema_extra={"x-kubernetes-list-type": "map",
-                                                           "x-kubernetes-list-map-keys": ["type"]})
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Progressing and Degraded.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     observed_generation: int = Field(0, ge=0, description="metadata.generation the status was computed from.")
 
     def to_json_dict(self) -> dict:

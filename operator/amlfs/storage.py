@@ -46,7 +46,7 @@ def parse(uri: str) -> Location:
             raise ValueError(f"{uri!r}: missing bucket; use s3://bucket/key")
         return Location("s3", u.netloc, u.path.lstrip("/"))
     if uri.startswith("file://"):
-        return Location("file", "", str(Path(uri[len("file://"):]).absolute()))
+        return Location("file", "", str(Path(uri[len("file://") :]).absolute()))
     if "://" in uri:
         raise ValueError(f"{uri!r}: unsupported scheme; use s3://bucket/key, file:///path or a path")
     return Location("file", "", str(Path(uri).absolute()))
@@ -79,8 +79,12 @@ def s3_client(endpoint: str | None = None) -> Any:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     key = (ep, region)
     if key not in _clients:
-        cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"},
-                     connect_timeout=10, read_timeout=120)
+        cfg = Config(
+            retries={"max_attempts": 5, "mode": "standard"},
+            s3={"addressing_style": "path"},
+            connect_timeout=10,
+            read_timeout=120,
+        )
         _clients[key] = boto3.client("s3", endpoint_url=ep or None, region_name=region, config=cfg)
     return _clients[key]
 
@@ -106,6 +110,7 @@ def _transfer_config() -> Any:
 
 
 # --- the API -------------------------------------------------------------------------------------
+
 
 def exists(uri: str) -> bool:
     loc = parse(uri)
@@ -169,8 +174,7 @@ def copy(src: str, dst: str) -> None:
     """Copy an object. S3 to S3 is a server-side copy: no bytes pass through this process."""
     s, d = parse(src), parse(dst)
     if s.scheme == "s3" and d.scheme == "s3":
-        _s3_call(s3_client().copy, {"Bucket": s.bucket, "Key": s.key}, d.bucket, d.key,
-                 Config=_transfer_config())
+        _s3_call(s3_client().copy, {"Bucket": s.bucket, "Key": s.key}, d.bucket, d.key, Config=_transfer_config())
     elif s.scheme == "file":
         upload_file(Path(s.key), dst)
     else:
@@ -184,8 +188,9 @@ def list_sizes(uri: str) -> list[tuple[str, int]]:
         root = Path(loc.key)
         if not root.exists():
             return []
-        return sorted((f"file://{p}", p.stat().st_size) for p in root.rglob("*")
-                      if p.is_file() and not p.name.endswith(".tmp"))
+        return sorted(
+            (f"file://{p}", p.stat().st_size) for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp")
+        )
     prefix = loc.key.rstrip("/") + "/" if loc.key else ""
     out: list[tuple[str, int]] = []
     paginator = s3_client().get_paginator("list_objects_v2")
@@ -205,7 +210,7 @@ def download_prefix(uri: str, dest: Path) -> Path:
     size are kept (a dataset cache shared by the samples of a node)."""
     base = parse(uri).key.rstrip("/")
     for obj, size in list_sizes(uri):
-        target = dest / parse(obj).key[len(base):].lstrip("/")
+        target = dest / parse(obj).key[len(base) :].lstrip("/")
         if target.exists() and target.stat().st_size == size:
             continue
         download_file(obj, target)

@@ -1067,8 +1067,12 @@ class ProcessKubelet:
     def _keep_visible(self) -> list[Path]:
         """Host directories pods must see whatever they mount: the Python environment and base
         interpreter, this checkout (editable installs import from it) and the kubelet's own pod dirs."""
-        paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(__file__).resolve().parents[2],
-                 self.workdir.resolve()}
+        paths = {
+            Path(sys.prefix).resolve(),
+            Path(sys.base_prefix).resolve(),
+            Path(__file__).resolve().parents[2],
+            self.workdir.resolve(),
+        }
         # outermost first, and no path inside another kept one
         out: list[Path] = []
         for p in sorted(paths, key=lambda p: len(p.parts)):

@@ -57,8 +57,13 @@ class Operator:
         self.starts += 1
         self.metrics_port = free_port()
         with open(self.logdir / f"operator-{self.starts}.log", "wb") as log:
-            self.proc = subprocess.Popen([*self.args, "--metrics-port", str(self.metrics_port)], env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [*self.args, "--metrics-port", str(self.metrics_port)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
     def kill(self) -> None:

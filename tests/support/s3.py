@@ -53,32 +53,68 @@ class S3Server:
 
     def env(self) -> dict[str, str]:
         """Environment for a process (trainer, operator) that talks to this server."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_REGION": "us-east-1",
+        }
 
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+        )
 
     def start(self, timeout: float = 60.0) -> S3Server:
         self.workdir.mkdir(parents=True, exist_ok=True)
         ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
         cfg = self.workdir / "s3.json"
-        cfg.write_text(json.dumps({"identities": [{
-            "name": "amlfs", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        cfg.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "amlfs",
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         data = self.workdir / "data"
         data.mkdir(exist_ok=True)
         self.log = self.workdir / "weed.log"
-        cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-               f"-master.port={ports['master']}", f"-master.port.grpc={ports['master'] + 10000}",
-               "-master.volumeSizeLimitMB=64", "-volume.max=20", f"-volume.port={ports['volume']}",
-               f"-volume.port.grpc={ports['volume'] + 10000}", "-filer", f"-filer.port={ports['filer']}",
-               f"-filer.port.grpc={ports['filer'] + 10000}", "-s3", f"-s3.port={ports['s3']}",
-               f"-s3.port.grpc={ports['s3'] + 10000}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-               f"-s3.config={cfg}", "-master.telemetry=false", "-metricsPort=0"]
+        cmd = [
+            weed_binary(),
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={data}",
+            f"-master.port={ports['master']}",
+            f"-master.port.grpc={ports['master'] + 10000}",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=20",
+            f"-volume.port={ports['volume']}",
+            f"-volume.port.grpc={ports['volume'] + 10000}",
+            "-filer",
+            f"-filer.port={ports['filer']}",
+            f"-filer.port.grpc={ports['filer'] + 10000}",
+            "-s3",
+            f"-s3.port={ports['s3']}",
+            f"-s3.port.grpc={ports['s3'] + 10000}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={cfg}",
+            "-master.telemetry=false",
+            "-metricsPort=0",
+        ]
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         self.endpoint = f"http://127.0.0.1:{ports['s3']}"
@@ -127,7 +163,9 @@ def start_s3(workdir: Path) -> S3Server:
 if __name__ == "__main__":
     d = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="amlfs-s3-"))
     with S3Server(d) as s:
-        print(f"export AWS_ENDPOINT_URL_S3={s.endpoint} AWS_ACCESS_KEY_ID={s.access_key} "
-              f"AWS_SECRET_ACCESS_KEY={s.secret_key} AWS_REGION=us-east-1  # bucket: {s.bucket}")
+        print(
+            f"export AWS_ENDPOINT_URL_S3={s.endpoint} AWS_ACCESS_KEY_ID={s.access_key} "
+            f"AWS_SECRET_ACCESS_KEY={s.secret_key} AWS_REGION=us-east-1  # bucket: {s.bucket}"
+        )
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()

@@ -24,21 +24,25 @@ def _env(name: str, default: str = "") -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="amlfs-trainer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--spec", default=_env("AMLFS_SPEC"),
-                   help="LossSearch spec as JSON, or @FILE (env AMLFS_SPEC)")
+    p = argparse.ArgumentParser(
+        prog="amlfs-trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--spec", default=_env("AMLFS_SPEC"), help="LossSearch spec as JSON, or @FILE (env AMLFS_SPEC)")
     p.add_argument("--search", default=_env("AMLFS_SEARCH", "search"), help="search name (env AMLFS_SEARCH)")
     p.add_argument("--namespace", default=_env("AMLFS_NAMESPACE", "default"), help="env AMLFS_NAMESPACE")
     p.add_argument("--epoch", default=_env("AMLFS_EPOCH"), help="0-based epoch (env AMLFS_EPOCH)")
     p.add_argument("--sample", default=_env("AMLFS_SAMPLE"), help="sample index (env AMLFS_SAMPLE)")
     p.add_argument("--attempt", default=_env("AMLFS_ATTEMPT", "0"), help="attempt number (env AMLFS_ATTEMPT)")
     p.add_argument("--theta", default=_env("AMLFS_THETA"), help="the sample's theta as a JSON list (env AMLFS_THETA)")
-    p.add_argument("--start", default=_env("AMLFS_START"), help="start checkpoint URI; empty at epoch 0 "
-                   "(env AMLFS_START)")
+    p.add_argument(
+        "--start", default=_env("AMLFS_START"), help="start checkpoint URI; empty at epoch 0 (env AMLFS_START)"
+    )
     p.add_argument("--start-sha256", default=_env("AMLFS_START_SHA256"), help="expected sha256 of --start")
-    p.add_argument("--output", default=_env("AMLFS_OUTPUT"), help="output prefix URI for checkpoint.pt and "
-                   "result.json (env AMLFS_OUTPUT)")
+    p.add_argument(
+        "--output",
+        default=_env("AMLFS_OUTPUT"),
+        help="output prefix URI for checkpoint.pt and result.json (env AMLFS_OUTPUT)",
+    )
     p.add_argument("--device", default=_env("AMLFS_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
     p.add_argument("--metrics-port", default=_env("AMLFS_METRICS_PORT", "0"), help="serve /metrics (0: off)")
     p.add_argument("--pushgateway", default=_env("AMLFS_PUSHGATEWAY"), help="Pushgateway URL for the result")
@@ -101,13 +105,25 @@ def build_job(args: argparse.Namespace) -> Any:
     else:
         theta = space.identity(cfg)
     if len(theta) != space.dim(cfg):
-        raise UsageError(f"--theta: {len(theta)} numbers, the {space.name}/{cfg.parameterization} space with "
-                         f"M={cfg.intervals} needs {space.dim(cfg)}")
-    return SampleJob(spec=spec, search=args.search, epoch=epoch, sample=sample, theta=theta,
-                     program=program_for(spec, theta), output=storage.normalize(args.output),
-                     start=storage.normalize(args.start) if args.start else "", start_sha256=args.start_sha256,
-                     attempt=_int(args.attempt, "--attempt"), namespace=args.namespace, device=args.device,
-                     cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+        raise UsageError(
+            f"--theta: {len(theta)} numbers, the {space.name}/{cfg.parameterization} space with "
+            f"M={cfg.intervals} needs {space.dim(cfg)}"
+        )
+    return SampleJob(
+        spec=spec,
+        search=args.search,
+        epoch=epoch,
+        sample=sample,
+        theta=theta,
+        program=program_for(spec, theta),
+        output=storage.normalize(args.output),
+        start=storage.normalize(args.start) if args.start else "",
+        start_sha256=args.start_sha256,
+        attempt=_int(args.attempt, "--attempt"),
+        namespace=args.namespace,
+        device=args.device,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,8 +64,7 @@ _INFO: dict[str, _Info] = {
     "digits": _Info("digits", 10, (1, 8, 8)),
     "mnist1d": _Info("MNIST-1D", 10, (1, 40)),
     "cifar10": _Info("CIFAR-10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True),
-    "cifar100": _Info("CIFAR-100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4,
-                      True),
+    "cifar100": _Info("CIFAR-100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4, True),
     "mnist": _Info("MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,), 2, False),
     "fashion-mnist": _Info("Fashion-MNIST", 10, (1, 28, 28), (0.2860,), (0.3530,), 2, False),
     "imagefolder": _Info("ImageFolder", 0, (3, IMAGEFOLDER_SIZE, IMAGEFOLDER_SIZE), IMAGENET_MEAN, IMAGENET_STD),
@@ -177,7 +176,7 @@ class InMemoryTaskData(TaskData):
             rows.append(torch.randint(0, 2 if self._flip else 1, (n,), generator=generator))
         plan = torch.stack(rows).to(self.device, non_blocking=True)
         for start in range(0, n, batch_size):
-            cols = plan[:, start:start + batch_size]
+            cols = plan[:, start : start + batch_size]
             idx = cols[0]
             x = data.x[idx]
             if augment:
@@ -189,7 +188,7 @@ class InMemoryTaskData(TaskData):
         _check_batch_size(batch_size)
         data = self._splits[split]
         for start in range(0, int(data.y.shape[0]), batch_size):
-            yield self._prepare(data.x[start:start + batch_size]), data.y[start:start + batch_size]
+            yield self._prepare(data.x[start : start + batch_size]), data.y[start : start + batch_size]
 
 
 def crop_flip(x: Tensor, pad: int, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
@@ -228,8 +227,9 @@ def carve_val(n: int, val_fraction: float, split_seed: int, train_limit: int = 0
     return train.sort().values, val.sort().values
 
 
-def _to_splits(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, task: TaskSpec,
-               device: torch.device) -> dict[str, _Split]:
+def _to_splits(
+    x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, task: TaskSpec, device: torch.device
+) -> dict[str, _Split]:
     train_idx, val_idx = carve_val(len(y_train), task.val_fraction, task.split_seed, task.train_limit)
 
     def put(x: Tensor, y: Tensor) -> _Split:
@@ -270,8 +270,10 @@ def load_task(task: TaskSpec, device: torch.device, cache_dir: Path | None = Non
 
 def _check_labels(y: Tensor, info: _Info, task: TaskSpec) -> None:
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= info.num_classes):
-        raise DataError(f"task.dataRoot: {info.label} labels under {task.data_root} fall outside "
-                        f"0..{info.num_classes - 1}; the files are corrupt or of another dataset")
+        raise DataError(
+            f"task.dataRoot: {info.label} labels under {task.data_root} fall outside "
+            f"0..{info.num_classes - 1}; the files are corrupt or of another dataset"
+        )
 
 
 def _local_path(root: str) -> Path:
@@ -282,8 +284,10 @@ def _resolve_root(task: TaskSpec, cache: Path | None) -> Path:
     """A local directory holding the dataset; an s3:// prefix is first copied into the cache."""
     label = _info(task.dataset).label
     if not task.data_root:
-        raise DataError(f"task.dataRoot: empty, but {label} is read from files; set task.dataRoot to a directory "
-                        "or s3:// prefix (with task.download: true to fetch it)")
+        raise DataError(
+            f"task.dataRoot: empty, but {label} is read from files; set task.dataRoot to a directory "
+            "or s3:// prefix (with task.download: true to fetch it)"
+        )
     if not task.data_root.startswith("s3://"):
         return _local_path(task.data_root)
     base = cache if cache is not None else Path(tempfile.gettempdir()) / "amlfs-data"
@@ -295,8 +299,10 @@ def _resolve_root(task: TaskSpec, cache: Path | None) -> Path:
     try:
         return Path(download_prefix(task.data_root, dest))
     except Exception as exc:  # storage errors come in many types (botocore, OSError, ...)
-        raise DataError(f"task.dataRoot: cannot copy {task.data_root} to {dest} ({_one_line(exc)}); check the "
-                        "prefix, storage.endpoint and the S3 credentials") from None
+        raise DataError(
+            f"task.dataRoot: cannot copy {task.data_root} to {dest} ({_one_line(exc)}); check the "
+            "prefix, storage.endpoint and the S3 credentials"
+        ) from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -308,8 +314,10 @@ def _download(task: TaskSpec, root: Path, what: str, fetch: Any) -> None:
     try:
         fetch()
     except Exception as exc:  # network errors and torchvision's RuntimeErrors
-        raise DataError(f"task.download: downloading {what} into {root} failed ({_one_line(exc)}); put the files "
-                        "under task.dataRoot yourself or check network access") from None
+        raise DataError(
+            f"task.download: downloading {what} into {root} failed ({_one_line(exc)}); put the files "
+            "under task.dataRoot yourself or check network access"
+        ) from None
 
 
 # --- digits and mnist1d (built offline) -------------------------------------------------------------
@@ -395,8 +403,10 @@ def _load_cifar(task: TaskSpec, root: Path) -> Arrays:
         _download(task, root, label, lambda: cls(str(root), train=True, download=True))
         missing = [f for f in train_files + test_files if not (base / f).is_file()]
     if missing:
-        raise DataError(f"task.dataRoot: no {label} files under {task.data_root} (expected {folder}/ with "
-                        f"{', '.join(missing)}); set task.download: true or point dataRoot at the data")
+        raise DataError(
+            f"task.dataRoot: no {label} files under {task.data_root} (expected {folder}/ with "
+            f"{', '.join(missing)}); set task.download: true or point dataRoot at the data"
+        )
     x_train, y_train = _read_cifar_batches([base / f for f in train_files], key, task)
     x_test, y_test = _read_cifar_batches([base / f for f in test_files], key, task)
     return x_train, y_train, x_test, y_test
@@ -410,14 +420,26 @@ def _read_cifar_batches(paths: Sequence[Path], key: str, task: TaskSpec) -> tupl
                 entry = pickle.load(f, encoding="latin1")
             data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             labels = np.asarray(entry[key], dtype=np.int64)
-        except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError, AttributeError,
-                IndexError) as exc:
-            raise DataError(f"task.dataRoot: corrupt {_info(task.dataset).label} file {path} "
-                            f"({type(exc).__name__}: {_one_line(exc)}); delete it and set task.download: true "
-                            "or copy it again") from None
+        except (
+            OSError,
+            EOFError,
+            pickle.UnpicklingError,
+            KeyError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+        ) as exc:
+            raise DataError(
+                f"task.dataRoot: corrupt {_info(task.dataset).label} file {path} "
+                f"({type(exc).__name__}: {_one_line(exc)}); delete it and set task.download: true "
+                "or copy it again"
+            ) from None
         if len(labels) != len(data):
-            raise DataError(f"task.dataRoot: corrupt {_info(task.dataset).label} file {path} ({len(data)} images "
-                            f"but {len(labels)} labels); delete it and set task.download: true or copy it again")
+            raise DataError(
+                f"task.dataRoot: corrupt {_info(task.dataset).label} file {path} ({len(data)} images "
+                f"but {len(labels)} labels); delete it and set task.download: true or copy it again"
+            )
         xs.append(torch.from_numpy(data))
         ys.append(torch.from_numpy(labels))
     return torch.cat(xs), torch.cat(ys)
@@ -425,8 +447,12 @@ def _read_cifar_batches(paths: Sequence[Path], key: str, task: TaskSpec) -> tupl
 
 # --- MNIST and Fashion-MNIST ----------------------------------------------------------------------
 
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                "t10k-labels-idx1-ubyte")
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def _mnist_raw_dirs(task: TaskSpec, root: Path) -> list[Path]:
@@ -455,16 +481,20 @@ def _load_mnist_like(task: TaskSpec, root: Path) -> Arrays:
         found = {name: _find_idx(dirs, name) for name in _MNIST_FILES}
     missing = [name for name, path in found.items() if path is None]
     if missing:
-        raise DataError(f"task.dataRoot: no {label} files under {task.data_root} (expected "
-                        f"{dirs[0].relative_to(root)}/ with {', '.join(missing)}[.gz]); set task.download: true "
-                        "or point dataRoot at the data")
+        raise DataError(
+            f"task.dataRoot: no {label} files under {task.data_root} (expected "
+            f"{dirs[0].relative_to(root)}/ with {', '.join(missing)}[.gz]); set task.download: true "
+            "or point dataRoot at the data"
+        )
     arrays = [_read_idx(found[name], task) for name in _MNIST_FILES]  # type: ignore[arg-type]
     x_train, y_train, x_test, y_test = arrays
     for x, y, name in ((x_train, y_train, "train"), (x_test, y_test, "t10k")):
         if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
-            raise DataError(f"task.dataRoot: corrupt {label} {name} files under {found[_MNIST_FILES[0]].parent} "
-                            f"(images {tuple(x.shape)}, labels {tuple(y.shape)}); delete them and set "
-                            "task.download: true or copy them again")
+            raise DataError(
+                f"task.dataRoot: corrupt {label} {name} files under {found[_MNIST_FILES[0]].parent} "
+                f"(images {tuple(x.shape)}, labels {tuple(y.shape)}); delete them and set "
+                "task.download: true or copy them again"
+            )
     return x_train.unsqueeze(1), y_train.long(), x_test.unsqueeze(1), y_test.long()
 
 
@@ -478,14 +508,16 @@ def _read_idx(path: Path, task: TaskSpec) -> Tensor:
         header = 4 + 4 * ndim
         if ndim < 1 or len(raw) < header:
             raise ValueError("truncated header")
-        shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+        shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
         count = math.prod(shape)
         if len(raw) - header != count:
             raise ValueError(f"header says {shape} ({count} bytes) but {len(raw) - header} bytes follow")
         arr = np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
     except (OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
-        raise DataError(f"task.dataRoot: corrupt {_info(task.dataset).label} file {path} ({_one_line(exc)}); "
-                        "delete it and set task.download: true or copy it again") from None
+        raise DataError(
+            f"task.dataRoot: corrupt {_info(task.dataset).label} file {path} ({_one_line(exc)}); "
+            "delete it and set task.download: true or copy it again"
+        ) from None
     return torch.from_numpy(arr.copy())
 
 
@@ -524,24 +556,32 @@ class FolderTaskData(TaskData):
         train_dir = root / "train"
         test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
         if not train_dir.is_dir() or test_dir is None:
-            raise DataError(f"task.dataRoot: no ImageFolder tree under {task.data_root} (expected train/ and val/ "
-                            "or test/, one subfolder per class); point dataRoot at such a tree")
+            raise DataError(
+                f"task.dataRoot: no ImageFolder tree under {task.data_root} (expected train/ and val/ "
+                "or test/, one subfolder per class); point dataRoot at such a tree"
+            )
         try:
             base = ImageFolder(str(train_dir))
-            test_samples = make_dataset(str(test_dir), base.class_to_idx, extensions=IMG_EXTENSIONS,
-                                        allow_empty=True)
+            test_samples = make_dataset(str(test_dir), base.class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         except (FileNotFoundError, OSError) as exc:
-            raise DataError(f"task.dataRoot: unreadable ImageFolder tree under {task.data_root} "
-                            f"({_one_line(exc)}); put at least one image per class folder") from None
+            raise DataError(
+                f"task.dataRoot: unreadable ImageFolder tree under {task.data_root} "
+                f"({_one_line(exc)}); put at least one image per class folder"
+            ) from None
         extra = sorted({p.name for p in test_dir.iterdir() if p.is_dir()} - set(base.classes))
         if extra:
-            raise DataError(f"task.dataRoot: {test_dir.name}/ has classes missing from train/ "
-                            f"({', '.join(extra[:5])}); give both the same class folders")
+            raise DataError(
+                f"task.dataRoot: {test_dir.name}/ has classes missing from train/ "
+                f"({', '.join(extra[:5])}); give both the same class folders"
+            )
         normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         size = IMAGEFOLDER_SIZE
         eval_tf = T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), T.ToTensor(), normalize])
-        train_tf = (T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-                    if task.augment else eval_tf)
+        train_tf = (
+            T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+            if task.augment
+            else eval_tf
+        )
         train_idx, val_idx = carve_val(len(base.samples), task.val_fraction, task.split_seed, task.train_limit)
         self.num_classes = len(base.classes)
         self.classes = list(base.classes)
@@ -559,11 +599,18 @@ class FolderTaskData(TaskData):
         _check_split(split)
         return len(self._sets[split])
 
-    def _loader(self, dataset: _Samples, batch_size: int, order: list[int] | None,
-                generator: torch.Generator | None) -> Iterator[tuple[Tensor, Tensor]]:
+    def _loader(
+        self, dataset: _Samples, batch_size: int, order: list[int] | None, generator: torch.Generator | None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=order, shuffle=False, drop_last=False,
-            num_workers=self._workers, pin_memory=self.device.type == "cuda", generator=generator,
+            dataset,
+            batch_size=batch_size,
+            sampler=order,
+            shuffle=False,
+            drop_last=False,
+            num_workers=self._workers,
+            pin_memory=self.device.type == "cuda",
+            generator=generator,
         )
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)

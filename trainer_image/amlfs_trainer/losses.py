@@ -73,10 +73,11 @@ TAU_FLOOR: float = 1e-12
 HEADS = ("linear", "cosine")
 PRESETS = ("softmax", "cosface", "arcface", "focal")
 REDUCTIONS = ("mean", "none")
-_NEGLIGIBLE = 2.0 ** -40
+_NEGLIGIBLE = 2.0**-40
 
 
 # --- program validation -------------------------------------------------------------------------
+
 
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -181,8 +182,9 @@ class _TargetLoss(nn.Module):
     t_knots: Tensor | None
     t_tab: Tensor | None
 
-    def __init__(self, head: str, scale: float, reduction: str,
-                 t: tuple[float, float, list[float], list[float]] | None) -> None:
+    def __init__(
+        self, head: str, scale: float, reduction: str, t: tuple[float, float, list[float], list[float]] | None
+    ) -> None:
         super().__init__()
         self.head, self.reduction = head, reduction
         self.scale = float(scale) if head == "cosine" else 1.0
@@ -204,8 +206,7 @@ class _TargetLoss(nn.Module):
         s_slope, s_intercept, slope = _lookup(self.t_tab, self.t_knots, x)
         return torch.addcmul(s_intercept, s_slope, x), slope
 
-    def log_tau(self, logp: Tensor, pm1: Tensor | None = None,
-                need_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    def log_tau(self, logp: Tensor, pm1: Tensor | None = None, need_grad: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(log tau(p), d log tau / d log p)`` from ``log p`` and ``p - 1`` (B, 1); None means 1."""
         raise NotImplementedError
 
@@ -230,8 +231,9 @@ class _TargetLoss(nn.Module):
 
 def _check_inputs(outputs: Tensor, target: Tensor) -> None:
     if outputs.dim() != 2 or target.dim() != 1 or target.shape[0] != outputs.shape[0]:
-        raise ValueError(f"expected outputs (B, C) and target (B,), got {tuple(outputs.shape)} and "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"expected outputs (B, C) and target (B,), got {tuple(outputs.shape)} and {tuple(target.shape)}"
+        )
 
 
 def _table(rows: list[list[float]]) -> Tensor:
@@ -271,15 +273,23 @@ class PiecewiseLoss(_TargetLoss):
             p_min = lo + (hi - lo) * k / m
             bk = 0.0 if a[k] > 0 and p_min > 0 and abs(b[k]) <= _NEGLIGIBLE * a[k] * p_min else b[k]
             pos = a[k] > 0 and bk >= 0
-            rows.append([math.log(a[k]) if pos else -math.inf, math.log(bk) if pos and bk > 0 else -math.inf,
-                         a[k], bk, -1.0 if pos else TAU_FLOOR])
+            rows.append(
+                [
+                    math.log(a[k]) if pos else -math.inf,
+                    math.log(bk) if pos and bk > 0 else -math.inf,
+                    a[k],
+                    bk,
+                    -1.0 if pos else TAU_FLOOR,
+                ]
+            )
             # the ratio form needs tau > 0 on the piece's p-interval (within [0, 1]) and p bounded away from
             # 0 there, or b = 0
             p_lo = 0.0 if k == 0 else min(max(p_min, 0.0), 1.0)
             p_hi = 1.0 if k == m - 1 else min(max(lo + (hi - lo) * (k + 1) / m, 0.0), 1.0)
             margin = 1e-6 * (abs(a[k]) + abs(bk))
-            ratio = ratio and ((p_lo > 0 and min(a[k] * p_lo + bk, a[k] * p_hi + bk) > margin)
-                               or (bk == 0 and a[k] > 0))
+            ratio = ratio and (
+                (p_lo > 0 and min(a[k] * p_lo + bk, a[k] * p_hi + bk) > margin) or (bk == 0 and a[k] > 0)
+            )
         self.tau_identity = all(r[2] == 1.0 and r[3] == 0.0 for r in rows)
         self.tau_all_pos = all(r[4] < 0 for r in rows)
         self.tau_ratio = ratio and not self.tau_all_pos
@@ -290,8 +300,7 @@ class PiecewiseLoss(_TargetLoss):
         self.register_buffer("tau_tab", None if self.tau_identity else tab, persistent=False)
         self._track_device()
 
-    def log_tau(self, logp: Tensor, pm1: Tensor | None = None,
-                need_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    def log_tau(self, logp: Tensor, pm1: Tensor | None = None, need_grad: bool = False) -> tuple[Tensor, Tensor | None]:
         if self.tau_tab is None:
             return logp, None
         if pm1 is None:
@@ -338,14 +347,12 @@ class SearchSoftmaxLoss(_TargetLoss):
         super().__init__(head, scale, reduction, None)
         k = len(a)
         self.identity = all(v == 0.0 for v in a)
-        self.register_buffer("tab", None if self.identity else _table([[v, 1.0 - v] for v in a]),
-                             persistent=False)
+        self.register_buffer("tab", None if self.identity else _table([[v, 1.0 - v] for v in a]), persistent=False)
         knots = torch.tensor(_interior_knots(-1.0, 0.0, k), dtype=torch.float32) if k > 1 else None
         self.register_buffer("knots", knots, persistent=False)
         self._track_device()
 
-    def log_tau(self, logp: Tensor, pm1: Tensor | None = None,
-                need_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    def log_tau(self, logp: Tensor, pm1: Tensor | None = None, need_grad: bool = False) -> tuple[Tensor, Tensor | None]:
         if self.tab is None:
             return logp, None
         if pm1 is None:
@@ -365,12 +372,12 @@ class CosFaceLoss(_TargetLoss):
         self.margin = margin
         self._track_device()
 
-    def log_tau(self, logp: Tensor, pm1: Tensor | None = None,
-                need_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    def log_tau(self, logp: Tensor, pm1: Tensor | None = None, need_grad: bool = False) -> tuple[Tensor, Tensor | None]:
         return logp, None
 
 
 # --- the other presets: plain autograd --------------------------------------------------------------
+
 
 def _reduce(rows: Tensor, z: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
@@ -390,8 +397,7 @@ class SoftmaxLoss(nn.Module):
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         _check_inputs(outputs, target)
         z = outputs.double() if outputs.dtype == torch.float64 else outputs.float()
-        rows = F.cross_entropy(z * self.scale, target.long(), reduction="none",
-                               label_smoothing=self.label_smoothing)
+        rows = F.cross_entropy(z * self.scale, target.long(), reduction="none", label_smoothing=self.label_smoothing)
         return _reduce(rows, z, self.reduction)
 
 
@@ -447,6 +453,7 @@ class FocalLoss(nn.Module):
 
 # --- entry point ---------------------------------------------------------------------------------
 
+
 def _preset(program: dict[str, Any], head: str, scale: float, reduction: str) -> nn.Module:
     _mapping(program, "program", ("kind", "name", "margin", "gamma", "labelSmoothing"), ("kind", "name"))
     name = program["name"]
@@ -493,5 +500,4 @@ def build_loss(program: dict[str, Any], head: str, scale: float, *, reduction: s
         return SearchSoftmaxLoss(program, head, scale, reduction)
     if kind == "preset":
         return _preset(program, head, scale, reduction)
-    raise ValueError(f"program.kind: unknown loss program kind {kind!r}; expected piecewise, search-softmax "
-                     "or preset")
+    raise ValueError(f"program.kind: unknown loss program kind {kind!r}; expected piecewise, search-softmax or preset")

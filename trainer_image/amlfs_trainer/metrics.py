@@ -22,15 +22,19 @@ class TrainerMetrics:
         self.registry = CollectorRegistry()
         self.labels = {"search": search, "epoch": str(epoch), "sample": str(sample)}
         r = self.registry
-        self.progress = Gauge("amlfs_trainer_progress_ratio", "Fraction of the epoch trained.", LABELS,
-                              registry=r).labels(**self.labels)
-        self.loss = Gauge("amlfs_trainer_loss", "Mean training loss over the last reporting window.", LABELS,
-                          registry=r).labels(**self.labels)
-        self.throughput = Gauge("amlfs_trainer_throughput_examples_per_second",
-                                "Training examples per second over the last reporting window.", LABELS,
-                                registry=r).labels(**self.labels)
-        self.steps = Counter("amlfs_trainer_steps", "Optimizer steps taken.", LABELS,
-                             registry=r).labels(**self.labels)
+        self.progress = Gauge(
+            "amlfs_trainer_progress_ratio", "Fraction of the epoch trained.", LABELS, registry=r
+        ).labels(**self.labels)
+        self.loss = Gauge(
+            "amlfs_trainer_loss", "Mean training loss over the last reporting window.", LABELS, registry=r
+        ).labels(**self.labels)
+        self.throughput = Gauge(
+            "amlfs_trainer_throughput_examples_per_second",
+            "Training examples per second over the last reporting window.",
+            LABELS,
+            registry=r,
+        ).labels(**self.labels)
+        self.steps = Counter("amlfs_trainer_steps", "Optimizer steps taken.", LABELS, registry=r).labels(**self.labels)
         self.server: Any = None
         if port:
             self.server, _ = start_http_server(port, addr="0.0.0.0", registry=r)
@@ -44,27 +48,33 @@ def grouping_key(namespace: str, search: str, epoch: int, sample: int) -> dict[s
     return {"namespace": namespace, "search": search, "epoch": str(epoch), "sample": str(sample)}
 
 
-def push_result(gateway: str, namespace: str, search: str, epoch: int, sample: int,
-                result: dict[str, Any]) -> None:
+def push_result(gateway: str, namespace: str, search: str, epoch: int, sample: int, result: dict[str, Any]) -> None:
     """Push the sample's outcome. The reward gauge is absent when the sample produced no reward."""
     r = CollectorRegistry()
     if result.get("reward") is not None:
         Gauge("amlfs_sample_reward", "Validation accuracy of the sample (its reward).", registry=r).set(
-            result["reward"])
-    for name, key, doc in (("amlfs_sample_val_loss", "valLoss", "Validation cross-entropy."),
-                           ("amlfs_sample_test_accuracy_ratio", "testAccuracy", "Test accuracy (never the reward)."),
-                           ("amlfs_sample_train_loss", "trainLoss", "Mean training loss of the epoch.")):
+            result["reward"]
+        )
+    for name, key, doc in (
+        ("amlfs_sample_val_loss", "valLoss", "Validation cross-entropy."),
+        ("amlfs_sample_test_accuracy_ratio", "testAccuracy", "Test accuracy (never the reward)."),
+        ("amlfs_sample_train_loss", "trainLoss", "Mean training loss of the epoch."),
+    ):
         if result.get(key) is not None:
             Gauge(name, doc, registry=r).set(result[key])
     if result.get("sha256"):
-        Gauge("amlfs_sample_checkpoint_info", "The sample's checkpoint digest (value 1).", ["sha256"],
-              registry=r).labels(sha256=result["sha256"]).set(1)
+        Gauge(
+            "amlfs_sample_checkpoint_info", "The sample's checkpoint digest (value 1).", ["sha256"], registry=r
+        ).labels(sha256=result["sha256"]).set(1)
     Gauge("amlfs_sample_diverged", "1 when the loss or gradient became non-finite.", registry=r).set(
-        0 if result.get("status") == "ok" else 1)
+        0 if result.get("status") == "ok" else 1
+    )
     Gauge("amlfs_sample_duration_seconds", "Wall time of the trainer run.", registry=r).set(
-        result.get("timings", {}).get("total", 0.0))
+        result.get("timings", {}).get("total", 0.0)
+    )
     Gauge("amlfs_sample_throughput_examples_per_second", "Training throughput.", registry=r).set(
-        result.get("throughput", 0.0))
-    push_to_gateway(gateway, job=PUSH_JOB, registry=r, grouping_key=grouping_key(namespace, search, epoch, sample),
-                    timeout=10)
-
+        result.get("throughput", 0.0)
+    )
+    push_to_gateway(
+        gateway, job=PUSH_JOB, registry=r, grouping_key=grouping_key(namespace, search, epoch, sample), timeout=10
+    )

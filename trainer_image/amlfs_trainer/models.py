@@ -65,8 +65,9 @@ class Classifier(nn.Module):
         super().__init__()
         self.features = features
         self.feature_dim = feature_dim
-        self.head: nn.Module = (CosineLinear(feature_dim, num_classes) if head == "cosine"
-                                else nn.Linear(feature_dim, num_classes))
+        self.head: nn.Module = (
+            CosineLinear(feature_dim, num_classes) if head == "cosine" else nn.Linear(feature_dim, num_classes)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -90,8 +91,12 @@ def _mlp(input_shape: tuple[int, ...], width: int) -> tuple[nn.Module, int]:
     hidden = 4 * width
     features = nn.Sequential(
         nn.Flatten(),
-        nn.Linear(math.prod(input_shape), hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-        nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        nn.Linear(math.prod(input_shape), hidden, bias=False),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden, bias=False),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
     )
     return features, hidden
 
@@ -104,10 +109,14 @@ def _small_cnn(input_shape: tuple[int, ...], width: int) -> tuple[nn.Module, int
     c = input_shape[0]
     w1, w2, w3 = width, 2 * width, 4 * width
     layers = [
-        *_conv_bn(c, w1), *_conv_bn(w1, w1),
-        *_conv_bn(w1, w2, 2), *_conv_bn(w2, w2),
-        *_conv_bn(w2, w3, 2), *_conv_bn(w3, w3),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        *_conv_bn(c, w1),
+        *_conv_bn(w1, w1),
+        *_conv_bn(w1, w2, 2),
+        *_conv_bn(w2, w2),
+        *_conv_bn(w2, w3, 2),
+        *_conv_bn(w3, w3),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
     ]
     features = nn.Sequential(*layers)
     _kaiming(features)
@@ -122,9 +131,12 @@ def _cnn1d(input_shape: tuple[int, ...], width: int) -> tuple[nn.Module, int]:
     c, length = input_shape
     out_len = _conv1d_len(_conv1d_len(_conv1d_len(length, 5, 2, 1), 3, 2, 1), 3, 2, 1)
     features = nn.Sequential(
-        nn.Conv1d(c, width, 5, stride=2, padding=1), nn.ReLU(inplace=True),
-        nn.Conv1d(width, width, 3, stride=2, padding=1), nn.ReLU(inplace=True),
-        nn.Conv1d(width, width, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+        nn.Conv1d(c, width, 5, stride=2, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv1d(width, width, 3, stride=2, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv1d(width, width, 3, stride=2, padding=1),
+        nn.ReLU(inplace=True),
         nn.Flatten(),
     )
     return features, width * out_len
@@ -151,7 +163,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = (_ShortcutA(cout - cin) if stride != 1 or cin != cout else nn.Identity())
+        self.shortcut: nn.Module = _ShortcutA(cout - cin) if stride != 1 or cin != cout else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -210,30 +222,39 @@ _RESNET_DEPTH = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
 def _check_shape(spec: ModelSpec, input_shape: tuple[int, ...]) -> None:
     shape = tuple(input_shape)
     if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
-        raise ModelError(f"model.name: {spec.name} got an invalid input shape {shape}; the dataset must give "
-                         "positive (C, ...) dimensions")
+        raise ModelError(
+            f"model.name: {spec.name} got an invalid input shape {shape}; the dataset must give "
+            "positive (C, ...) dimensions"
+        )
     if spec.name in _IMAGE_MODELS:
         side = _IMAGE_MODELS[spec.name]
         if len(shape) != 3:
-            raise ModelError(f"model.name: {spec.name} needs images (C, H, W) but the inputs are {shape}; use "
-                             "cnn1d or mlp for 1-D signals such as mnist1d")
+            raise ModelError(
+                f"model.name: {spec.name} needs images (C, H, W) but the inputs are {shape}; use "
+                "cnn1d or mlp for 1-D signals such as mnist1d"
+            )
         if min(shape[1:]) < side:
-            raise ModelError(f"model.name: {spec.name} needs images of at least {side}x{side} but the inputs are "
-                             f"{shape}; use small-cnn or mlp for tiny images")
+            raise ModelError(
+                f"model.name: {spec.name} needs images of at least {side}x{side} but the inputs are "
+                f"{shape}; use small-cnn or mlp for tiny images"
+            )
     elif spec.name == "cnn1d":
         if len(shape) != 2:
-            raise ModelError(f"model.name: cnn1d needs 1-D signals (C, L) but the inputs are {shape}; use "
-                             "small-cnn, a resnet or mlp for images")
+            raise ModelError(
+                f"model.name: cnn1d needs 1-D signals (C, L) but the inputs are {shape}; use "
+                "small-cnn, a resnet or mlp for images"
+            )
         if shape[1] < 8:
-            raise ModelError(f"model.name: cnn1d needs signals of length >= 8 but the inputs are {shape}; "
-                             "use mlp")
+            raise ModelError(f"model.name: cnn1d needs signals of length >= 8 but the inputs are {shape}; use mlp")
 
 
 def build_model(spec: ModelSpec, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     """The network named by `spec.name` for `input_shape` (per example) and `num_classes` outputs."""
     if num_classes < 2:
-        raise ModelError(f"model.name: {spec.name} needs at least 2 classes, the dataset has {num_classes}; "
-                         "check task.dataset / task.dataRoot")
+        raise ModelError(
+            f"model.name: {spec.name} needs at least 2 classes, the dataset has {num_classes}; "
+            "check task.dataset / task.dataRoot"
+        )
     _check_shape(spec, input_shape)
     shape = tuple(input_shape)
     if spec.name == "mlp":
@@ -247,8 +268,10 @@ def build_model(spec: ModelSpec, num_classes: int, input_shape: tuple[int, ...])
     elif spec.name in ("resnet18", "resnet50"):
         features, dim = _torchvision_resnet(spec.name, shape)
     else:
-        raise ModelError(f"model.name: unknown model {spec.name!r}; use mlp, small-cnn, cnn1d, resnet20, "
-                         "resnet32, resnet56, resnet18 or resnet50")
+        raise ModelError(
+            f"model.name: unknown model {spec.name!r}; use mlp, small-cnn, cnn1d, resnet20, "
+            "resnet32, resnet56, resnet18 or resnet50"
+        )
     model = Classifier(features, dim, num_classes, spec.head)
     if spec.head == "linear" and spec.name in _RESNET_DEPTH:
         nn.init.kaiming_normal_(model.head.weight)

@@ -104,15 +104,19 @@ def lr_factor(opt: OptimizerSpec, step: int, total: int, per_epoch: int) -> floa
     return 1.0
 
 
-def build_scheduler(opt: OptimizerSpec, optimizer: torch.optim.Optimizer, epochs: int,
-                    per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    opt: OptimizerSpec, optimizer: torch.optim.Optimizer, epochs: int, per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     total = epochs * per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(opt, s, total, per_epoch))
 
 
 def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                             "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -128,25 +132,38 @@ def load_start(job: SampleJob, workdir: Path) -> dict[str, Any]:
     if job.start_sha256:
         got = storage.sha256_file(local)
         if got != job.start_sha256:
-            raise ConfigError(f"start checkpoint {job.start}: sha256 mismatch (expected {job.start_sha256[:12]}…, "
-                              f"got {got[:12]}…); the file is corrupt or was replaced — restore it from the "
-                              "epoch's best/ copy")
+            raise ConfigError(
+                f"start checkpoint {job.start}: sha256 mismatch (expected {job.start_sha256[:12]}…, "
+                f"got {got[:12]}…); the file is corrupt or was replaced — restore it from the "
+                "epoch's best/ copy"
+            )
     try:
         ckpt = torch.load(local, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise ConfigError(f"start checkpoint {job.start}: unreadable ({type(exc).__name__}); "
-                          "the file is corrupt — restore it from the epoch's best/ copy") from None
+        raise ConfigError(
+            f"start checkpoint {job.start}: unreadable ({type(exc).__name__}); "
+            "the file is corrupt — restore it from the epoch's best/ copy"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ConfigError(f"start checkpoint {job.start}: not an amlfs checkpoint (no model state)")
     if ckpt.get("epoch") != job.epoch:
-        raise ConfigError(f"start checkpoint {job.start}: holds the state after epoch {ckpt.get('epoch')} "
-                          f"but --epoch is {job.epoch}; pass the checkpoint of epoch {job.epoch - 1}")
+        raise ConfigError(
+            f"start checkpoint {job.start}: holds the state after epoch {ckpt.get('epoch')} "
+            f"but --epoch is {job.epoch}; pass the checkpoint of epoch {job.epoch - 1}"
+        )
     return ckpt
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TaskData, split: str, batch_size: int, device: torch.device,
-             amp: bool, logit_scale: float = 1.0) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    data: TaskData,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+    logit_scale: float = 1.0,
+) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) on a split. For a cosine head CE is computed on scale * cosine."""
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -175,8 +192,10 @@ def run_sample(job: SampleJob) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if job.epoch >= spec.search.epochs:
-        raise ConfigError(f"--epoch {job.epoch}: the search has {spec.search.epochs} epochs (0-based index); "
-                          "raise spec.search.epochs or pass a smaller epoch")
+        raise ConfigError(
+            f"--epoch {job.epoch}: the search has {spec.search.epochs} epochs (0-based index); "
+            "raise spec.search.epochs or pass a smaller epoch"
+        )
     if job.epoch > 0 and not job.start:
         raise ConfigError(f"--start: epoch {job.epoch} needs the previous epoch's best checkpoint")
     with tempfile.TemporaryDirectory(prefix="amlfs-trainer-") as tmp:
@@ -202,34 +221,61 @@ def run_sample(job: SampleJob) -> dict[str, Any]:
         seed_everything(sseed)
         gen = torch.Generator().manual_seed(sseed)
         t1 = time.perf_counter()
-        train_loss, steps, seen, finite = _train_epoch(job, model, data, criterion, optimizer, scheduler, gen,
-                                                       device, amp, per_epoch)
+        train_loss, steps, seen, finite = _train_epoch(
+            job, model, data, criterion, optimizer, scheduler, gen, device, amp, per_epoch
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         job.timings["train"] = time.perf_counter() - t1
         throughput = seen / max(job.timings["train"], 1e-9)
 
         result: dict[str, Any] = {
-            "search": job.search, "namespace": job.namespace, "epoch": job.epoch, "sample": job.sample,
-            "attempt": job.attempt, "theta": job.theta, "program": job.program, "device": str(device),
-            "steps": steps, "examples": seen, "throughput": throughput, "trainLoss": train_loss,
+            "search": job.search,
+            "namespace": job.namespace,
+            "epoch": job.epoch,
+            "sample": job.sample,
+            "attempt": job.attempt,
+            "theta": job.theta,
+            "program": job.program,
+            "device": str(device),
+            "steps": steps,
+            "examples": seen,
+            "throughput": throughput,
+            "trainLoss": train_loss,
         }
         if not finite:
-            result |= {"status": "no-reward", "reward": None,
-                       "message": "the loss or a parameter became non-finite; sample ended without reward"}
+            result |= {
+                "status": "no-reward",
+                "reward": None,
+                "message": "the loss or a parameter became non-finite; sample ended without reward",
+            }
         else:
             t2 = time.perf_counter()
             scale = spec.model.scale if spec.model.head == "cosine" else 1.0
             val_acc, val_loss = evaluate(model, data, "val", spec.task.eval_batch_size, device, amp, scale)
             test_acc, test_loss = evaluate(model, data, "test", spec.task.eval_batch_size, device, amp, scale)
             job.timings["eval"] = time.perf_counter() - t2
-            result |= {"status": "ok", "reward": val_acc, "valAccuracy": val_acc, "valLoss": val_loss,
-                       "testAccuracy": test_acc, "testLoss": test_loss}
+            result |= {
+                "status": "ok",
+                "reward": val_acc,
+                "valAccuracy": val_acc,
+                "valLoss": val_loss,
+                "testAccuracy": test_acc,
+                "testLoss": test_loss,
+            }
             t3 = time.perf_counter()
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": job.epoch + 1,
-                     "search": job.search, "sample": job.sample, "theta": job.theta, "program": job.program,
-                     "spec": spec.model_dump(mode="json", by_alias=True)}
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(),
+                "epoch": job.epoch + 1,
+                "search": job.search,
+                "sample": job.sample,
+                "theta": job.theta,
+                "program": job.program,
+                "spec": spec.model_dump(mode="json", by_alias=True),
+            }
             local = work / CHECKPOINT
             buf = io.BytesIO()
             torch.save(state, buf)
@@ -246,9 +292,18 @@ def run_sample(job: SampleJob) -> dict[str, Any]:
         return result
 
 
-def _train_epoch(job: SampleJob, model: nn.Module, data: TaskData, criterion: nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler: Any, gen: torch.Generator, device: torch.device,
-                 amp: bool, per_epoch: int) -> tuple[float, int, int, bool]:
+def _train_epoch(
+    job: SampleJob,
+    model: nn.Module,
+    data: TaskData,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    gen: torch.Generator,
+    device: torch.device,
+    amp: bool,
+    per_epoch: int,
+) -> tuple[float, int, int, bool]:
     """Returns (mean loss, steps, examples, finite). Host syncs only every CHECK_EVERY steps."""
     model.train()
     window_loss = torch.zeros((), device=device)

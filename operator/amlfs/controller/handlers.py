@@ -48,7 +48,8 @@ def _wake(namespace: str | None, name: str | None) -> None:
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="amlfs.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="amlfs.io", key="last-handled-configuration")
+        prefix="amlfs.io", key="last-handled-configuration"
+    )
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -84,8 +85,7 @@ def pod_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
     _wake(namespace, labels.get(LABEL_SEARCH))
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL,
-                when=lambda spec, **_: bool((spec.get("storage") or {}).get("deleteOnDelete")))
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=lambda spec, **_: bool((spec.get("storage") or {}).get("deleteOnDelete")))
 def delete_storage(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
     """Only for specs with storage.deleteOnDelete: remove the search's objects (pods go by ownerReference)."""
     from amlfs.spec import LossSearchSpec

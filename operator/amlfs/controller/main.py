@@ -29,8 +29,9 @@ from amlfs.controller.reconcile import Settings
 
 def parser() -> argparse.ArgumentParser:
     e = os.environ.get
-    p = argparse.ArgumentParser(prog="amlfs-operator", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="amlfs-operator", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--namespace", default=e("AMLFS_NAMESPACE", ""), help="watch one namespace (default: all)")
     p.add_argument("--pushgateway", default=e("AMLFS_PUSHGATEWAY", ""))
     p.add_argument("--pod-pushgateway", default=e("AMLFS_POD_PUSHGATEWAY", ""))
@@ -47,20 +48,32 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    kopf.configure(verbose=args.verbose, quiet=not args.verbose,
-                   log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN)
+    kopf.configure(
+        verbose=args.verbose,
+        quiet=not args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
+    )
     logging.getLogger("amlfs").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    handlers.configure(Settings(pushgateway=args.pushgateway, pod_pushgateway=args.pod_pushgateway,
-                                default_storage=args.default_storage, pod_s3_endpoint=args.pod_s3_endpoint,
-                                reward_timeout=args.reward_timeout, interval=args.interval))
+    handlers.configure(
+        Settings(
+            pushgateway=args.pushgateway,
+            pod_pushgateway=args.pod_pushgateway,
+            default_storage=args.default_storage,
+            pod_s3_endpoint=args.pod_s3_endpoint,
+            reward_timeout=args.reward_timeout,
+            interval=args.interval,
+        )
+    )
     if args.metrics_port:
         start_http_server(args.metrics_port)
-    asyncio.run(kopf.operator(
-        clusterwide=not args.namespace,
-        namespaces=[args.namespace] if args.namespace else [],
-        standalone=True,
-        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
-    ))
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not args.namespace,
+            namespaces=[args.namespace] if args.namespace else [],
+            standalone=True,
+            liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+        )
+    )
 
 
 if __name__ == "__main__":

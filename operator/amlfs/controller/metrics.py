@@ -11,21 +11,29 @@ from amlfs.spaces import get_space
 from amlfs.spec import LossSearchSpec
 from amlfs.status import LossSearchStatus
 
-RECONCILE_SECONDS = Histogram("amlfs_operator_reconcile_duration_seconds", "Duration of one reconciliation pass.",
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+RECONCILE_SECONDS = Histogram(
+    "amlfs_operator_reconcile_duration_seconds",
+    "Duration of one reconciliation pass.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 EPOCHS = Counter("amlfs_operator_epochs_completed", "Search epochs completed.", ["namespace", "search"])
 PODS_CREATED = Counter("amlfs_operator_pods_created", "Trainer pods created.", ["namespace", "search"])
-PODS_FAILED = Counter("amlfs_operator_pods_failed", "Trainer pods that failed, by kind.",
-                      ["namespace", "search", "reason"])
+PODS_FAILED = Counter(
+    "amlfs_operator_pods_failed", "Trainer pods that failed, by kind.", ["namespace", "search", "reason"]
+)
 BEST_REWARD = Gauge("amlfs_operator_best_reward", "Best reward so far.", ["namespace", "search"])
 EPOCH = Gauge("amlfs_operator_epoch", "Current epoch (completed epochs).", ["namespace", "search"])
 MU = Gauge("amlfs_operator_mu", "Mean of the loss distribution, per parameter.", ["namespace", "search", "parameter"])
 SAMPLES = Gauge("amlfs_operator_samples", "Samples of the current epoch by state.", ["namespace", "search", "state"])
 PHASE = Gauge("amlfs_operator_phase", "1 for the search's current phase.", ["namespace", "search", "phase"])
-CURVE = Gauge("amlfs_operator_loss_curve", "The learned t and tau (the loss of mu) at their knots.",
-              ["namespace", "search", "function", "knot"])
-CURVE_X = Gauge("amlfs_operator_loss_curve_x", "Where each knot of t and tau lies.",
-                ["namespace", "search", "function", "knot"])
+CURVE = Gauge(
+    "amlfs_operator_loss_curve",
+    "The learned t and tau (the loss of mu) at their knots.",
+    ["namespace", "search", "function", "knot"],
+)
+CURVE_X = Gauge(
+    "amlfs_operator_loss_curve_x", "Where each knot of t and tau lies.", ["namespace", "search", "function", "knot"]
+)
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 FAILURE_REASONS = ("preempted", "config", "error", "DeadlineExceeded", "Evicted")
 STATES = ("Pending", "Running", "Succeeded", "NoReward", "Failed", "ConfigError")

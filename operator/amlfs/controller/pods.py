@@ -46,16 +46,24 @@ def pod_name(search: str, epoch: int, sample: int, attempt: int = 0, restarts: i
 
 
 def labels(search: str, epoch: int, sample: int, attempt: int) -> dict[str, str]:
-    return {LABEL_SEARCH: search, LABEL_EPOCH: str(epoch), LABEL_SAMPLE: str(sample), LABEL_ATTEMPT: str(attempt),
-            LABEL_COMPONENT: "trainer", "app.kubernetes.io/name": "amlfs", "app.kubernetes.io/managed-by": "amlfs"}
+    return {
+        LABEL_SEARCH: search,
+        LABEL_EPOCH: str(epoch),
+        LABEL_SAMPLE: str(sample),
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_COMPONENT: "trainer",
+        "app.kubernetes.io/name": "amlfs",
+        "app.kubernetes.io/managed-by": "amlfs",
+    }
 
 
 def _env(name: str, value: str) -> dict[str, Any]:
     return {"name": name, "value": value}
 
 
-def trainer_env(spec: LossSearchSpec, search: str, namespace: str, a: StartSample,
-                settings: PodSettings) -> list[dict[str, Any]]:
+def trainer_env(
+    spec: LossSearchSpec, search: str, namespace: str, a: StartSample, settings: PodSettings
+) -> list[dict[str, Any]]:
     env = [
         _env("AMLFS_SPEC", spec_to_json(spec)),
         _env("AMLFS_SEARCH", search),
@@ -84,8 +92,9 @@ def trainer_env(spec: LossSearchSpec, search: str, namespace: str, a: StartSampl
     return env
 
 
-def trainer_pod(spec: LossSearchSpec, search: str, namespace: str, a: StartSample,
-                settings: PodSettings) -> dict[str, Any]:
+def trainer_pod(
+    spec: LossSearchSpec, search: str, namespace: str, a: StartSample, settings: PodSettings
+) -> dict[str, Any]:
     res = spec.trainer.resources
     limits: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
     if res.gpu:
@@ -97,30 +106,42 @@ def trainer_pod(spec: LossSearchSpec, search: str, namespace: str, a: StartSampl
             "name": pod_name(search, a.epoch, a.sample, a.attempt, a.restarts),
             "namespace": namespace,
             "labels": labels(search, a.epoch, a.sample, a.attempt),
-            "annotations": {"prometheus.io/scrape": "true" if spec.trainer.metrics_port else "false",
-                            "prometheus.io/port": str(spec.trainer.metrics_port)},
+            "annotations": {
+                "prometheus.io/scrape": "true" if spec.trainer.metrics_port else "false",
+                "prometheus.io/port": str(spec.trainer.metrics_port),
+            },
         },
         "spec": {
             "restartPolicy": "Never",
             "activeDeadlineSeconds": spec.trainer.active_deadline_seconds,
             "terminationGracePeriodSeconds": 30,
             "automountServiceAccountToken": False,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": settings.run_as_user,
-                                "runAsGroup": settings.run_as_user, "fsGroup": settings.run_as_user,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{
-                "name": "trainer",
-                "image": spec.trainer.image,
-                "imagePullPolicy": spec.trainer.image_pull_policy,
-                "env": trainer_env(spec, search, namespace, a, settings),
-                "resources": {"requests": dict(limits), "limits": limits},
-                "ports": [{"name": "metrics", "containerPort": spec.trainer.metrics_port}]
-                if spec.trainer.metrics_port else [],
-                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                    "capabilities": {"drop": ["ALL"]}},
-                "terminationMessagePolicy": "FallbackToLogsOnError",
-                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}],
-            }],
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": settings.run_as_user,
+                "runAsGroup": settings.run_as_user,
+                "fsGroup": settings.run_as_user,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "trainer",
+                    "image": spec.trainer.image,
+                    "imagePullPolicy": spec.trainer.image_pull_policy,
+                    "env": trainer_env(spec, search, namespace, a, settings),
+                    "resources": {"requests": dict(limits), "limits": limits},
+                    "ports": [{"name": "metrics", "containerPort": spec.trainer.metrics_port}]
+                    if spec.trainer.metrics_port
+                    else [],
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
+                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}],
+                }
+            ],
             "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
         },
     }
@@ -150,8 +171,11 @@ def _merge(base: Any, over: Any) -> Any:
         for k, v in over.items():
             base[k] = _merge(base[k], v) if k in base else v
         return base
-    if isinstance(base, list) and isinstance(over, list) and all(
-            isinstance(x, dict) and "name" in x for x in base + over):
+    if (
+        isinstance(base, list)
+        and isinstance(over, list)
+        and all(isinstance(x, dict) and "name" in x for x in base + over)
+    ):
         by_name = {x["name"]: x for x in base}
         for x in over:
             by_name[x["name"]] = _merge(by_name[x["name"]], x) if x["name"] in by_name else x

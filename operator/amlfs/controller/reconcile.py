@@ -47,8 +47,11 @@ class Settings:
     run_as_user: int = 1000
 
     def pods(self) -> PodSettings:
-        return PodSettings(pushgateway=self.pod_pushgateway or self.pushgateway, s3_endpoint=self.pod_s3_endpoint,
-                           run_as_user=self.run_as_user)
+        return PodSettings(
+            pushgateway=self.pod_pushgateway or self.pushgateway,
+            s3_endpoint=self.pod_s3_endpoint,
+            run_as_user=self.run_as_user,
+        )
 
 
 class Conflict(Exception):
@@ -98,8 +101,11 @@ class Reconciler:
             spec = LossSearchSpec.model_validate(body.get("spec") or {})
         except ValueError as exc:
             msg = explain(exc, "spec") if hasattr(exc, "errors") else str(exc)
-            self._patch_status(body, {"phase": "Failed", "reason": "InvalidSpec", "message": msg},
-                               [("Degraded", "True", "InvalidSpec", msg)])
+            self._patch_status(
+                body,
+                {"phase": "Failed", "reason": "InvalidSpec", "message": msg},
+                [("Degraded", "True", "InvalidSpec", msg)],
+            )
             return self.settings.interval
         raw = body.get("status") or {}
         old = LossSearchStatus.model_validate(raw) if raw.get("mu") else None
@@ -107,8 +113,11 @@ class Reconciler:
         root = self.root(p)
         if root is None:
             msg = "spec.storage.uri: empty and the operator has no default storage; set spec.storage.uri"
-            self._patch_status(body, {"phase": "Failed", "reason": "NoStorage", "message": msg},
-                               [("Degraded", "True", "NoStorage", msg)])
+            self._patch_status(
+                body,
+                {"phase": "Failed", "reason": "NoStorage", "message": msg},
+                [("Degraded", "True", "NoStorage", msg)],
+            )
             return self.settings.interval
         pods = self._pods(namespace, name)
         obs, pending_reward = self.observe(p, pods, root)
@@ -152,18 +161,34 @@ class Reconciler:
                     pushed = self.rewards.results(p.namespace, p.name)
                 got = pushed.get((st.epoch, x.index))
                 if got is not None:
-                    obs.append(core.Observation(st.epoch, x.index, "no-reward" if got.diverged else "succeeded",
-                                                x.attempt, reward=got.reward, sha256=got.sha256))
+                    obs.append(
+                        core.Observation(
+                            st.epoch,
+                            x.index,
+                            "no-reward" if got.diverged else "succeeded",
+                            x.attempt,
+                            reward=got.reward,
+                            sha256=got.sha256,
+                        )
+                    )
                 elif self.clock() - _finished_at(pod) >= self.settings.reward_timeout:
                     done = effects.read_result(root, st.epoch, x.index, x.attempt, x.theta)
                     if done is not None:
-                        p.events.append(("Warning", "RewardFromStorage",
-                                         f"epoch {st.epoch} sample {x.index}: no reward on the Pushgateway after "
-                                         f"{self.settings.reward_timeout:.0f}s; used result.json"))
+                        p.events.append(
+                            (
+                                "Warning",
+                                "RewardFromStorage",
+                                f"epoch {st.epoch} sample {x.index}: no reward on the Pushgateway after "
+                                f"{self.settings.reward_timeout:.0f}s; used result.json",
+                            )
+                        )
                         obs.append(done)
                     else:
-                        obs.append(core.Observation(st.epoch, x.index, "failed", x.attempt,
-                                                    message="pod succeeded but left no result"))
+                        obs.append(
+                            core.Observation(
+                                st.epoch, x.index, "failed", x.attempt, message="pod succeeded but left no result"
+                            )
+                        )
                 else:
                     waiting = True
                     obs.append(core.Observation(st.epoch, x.index, "running", x.attempt))
@@ -179,7 +204,8 @@ class Reconciler:
         code = term.get("exitCode")
         msg = (term.get("message") or status.get("message") or reason or f"exit code {code}").strip()[-500:]
         if reason in ("Evicted", "Preempting", "Shutdown", "Terminated", "NodeLost") or (
-                conds.get("DisruptionTarget", {}).get("status") == "True"):
+            conds.get("DisruptionTarget", {}).get("status") == "True"
+        ):
             metrics.PODS_FAILED.labels(p.namespace, p.name, "preempted").inc()
             return core.Observation(epoch, x.index, "preempted", x.attempt, message=msg)
         if code == EXIT_CONFIG:
@@ -197,14 +223,19 @@ class Reconciler:
             p.events.append(("Normal", "Promoted", f"epoch {a.epoch} sample {a.sample} -> {', '.join(a.targets)}"))
         elif isinstance(a, core.AppendHistory):
             r = a.record
-            p.events.append(("Normal", "EpochCompleted", f"epoch {r['epoch']}: best reward {r['bestReward']:.4f} "
-                                                         f"(sample {r['best']}), mean {r['meanReward']:.4f}"))
+            p.events.append(
+                (
+                    "Normal",
+                    "EpochCompleted",
+                    f"epoch {r['epoch']}: best reward {r['bestReward']:.4f} "
+                    f"(sample {r['best']}), mean {r['meanReward']:.4f}",
+                )
+            )
             metrics.EPOCHS.labels(namespace=p.namespace, search=p.name).inc()
         elif isinstance(a, core.Finished):
             p.events.append(("Normal" if a.phase == "Succeeded" else "Warning", f"Search{a.phase}", a.message))
 
-    def _after_status(self, p: Pass, new: LossSearchStatus, actions: list[core.Action],
-                      pods: dict[str, dict]) -> None:
+    def _after_status(self, p: Pass, new: LossSearchStatus, actions: list[core.Action], pods: dict[str, dict]) -> None:
         old = p.old
         if new.samples and (old is None or old.epoch != new.epoch or not old.samples):
             p.events.append(("Normal", "EpochStarted", f"epoch {new.epoch}: {len(new.samples)} samples"))
@@ -253,8 +284,11 @@ class Reconciler:
     def _pods(self, namespace: str, name: str) -> dict[str, dict]:
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_SEARCH}={name}")
         api = self.core.api_client
-        return {pod.metadata.name: api.sanitize_for_serialization(pod) for pod in pods.items
-                if not pod.metadata.deletion_timestamp}
+        return {
+            pod.metadata.name: api.sanitize_for_serialization(pod)
+            for pod in pods.items
+            if not pod.metadata.deletion_timestamp
+        }
 
     # --- status and events --------------------------------------------------------------------
 
@@ -262,14 +296,27 @@ class Reconciler:
         degraded = st.phase == "Failed" or st.reason == "ConfigError"
         return [
             ("Ready", "True" if st.phase == "Succeeded" else "False", st.phase, st.message or st.phase),
-            ("Progressing", "True" if st.phase == "Running" else "False", st.phase,
-             f"epoch {st.epoch} of {spec.search.epochs}"),
-            ("Degraded", "True" if degraded else "False", st.reason if degraded else "AsExpected",
-             st.message if degraded else ""),
+            (
+                "Progressing",
+                "True" if st.phase == "Running" else "False",
+                st.phase,
+                f"epoch {st.epoch} of {spec.search.epochs}",
+            ),
+            (
+                "Degraded",
+                "True" if degraded else "False",
+                st.reason if degraded else "AsExpected",
+                st.message if degraded else "",
+            ),
         ]
 
-    def _patch_status(self, body: dict, status: dict[str, Any], conditions: list[tuple[str, str, str, str]],
-                      old: LossSearchStatus | None = None) -> None:
+    def _patch_status(
+        self,
+        body: dict,
+        status: dict[str, Any],
+        conditions: list[tuple[str, str, str, str]],
+        old: LossSearchStatus | None = None,
+    ) -> None:
         meta = body["metadata"]
         previous = {c["type"]: c for c in (body.get("status") or {}).get("conditions") or []}
         now = _now()
@@ -277,14 +324,22 @@ class Reconciler:
         for typ, st, reason, message in conditions:
             prev = previous.get(typ)
             changed = prev is None or prev.get("status") != st
-            conds.append({"type": typ, "status": st, "reason": reason or "Unknown", "message": message[:1000],
-                          "observedGeneration": meta.get("generation", 0),
-                          "lastTransitionTime": now if changed else prev.get("lastTransitionTime", now)})
+            conds.append(
+                {
+                    "type": typ,
+                    "status": st,
+                    "reason": reason or "Unknown",
+                    "message": message[:1000],
+                    "observedGeneration": meta.get("generation", 0),
+                    "lastTransitionTime": now if changed else prev.get("lastTransitionTime", now),
+                }
+            )
         status = dict(status, conditions=conds, observedGeneration=meta.get("generation", 0))
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
         try:
-            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], PLURAL,
-                                                              meta["name"], patch)
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch
+            )
         except ApiException as exc:
             if exc.status == 409:
                 raise Conflict() from None
@@ -293,11 +348,24 @@ class Reconciler:
     def event(self, obj: dict, typ: str, reason: str, message: str) -> None:
         meta = obj["metadata"]
         now = _now()
-        ev = {"metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-              "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],
-                                 "namespace": meta["namespace"], "uid": meta["uid"]},
-              "type": typ, "reason": reason, "message": message[:1024], "firstTimestamp": now, "lastTimestamp": now,
-              "count": 1, "source": {"component": "amlfs-operator"}, "reportingComponent": "amlfs-operator"}
+        ev = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": typ,
+            "reason": reason,
+            "message": message[:1024],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": {"component": "amlfs-operator"},
+            "reportingComponent": "amlfs-operator",
+        }
         try:
             self.core.create_namespaced_event(meta["namespace"], ev)
         except ApiException as exc:

@@ -63,9 +63,16 @@ class PushgatewayReader:
         return out
 
     def delete(self, namespace: str, search: str, epoch: int, sample: int) -> None:
-        path = "/".join(f"{k}/{urllib.parse.quote(v, safe='')}" for k, v in (
-            ("job", PUSH_JOB), ("namespace", namespace), ("search", search), ("epoch", str(epoch)),
-            ("sample", str(sample))))
+        path = "/".join(
+            f"{k}/{urllib.parse.quote(v, safe='')}"
+            for k, v in (
+                ("job", PUSH_JOB),
+                ("namespace", namespace),
+                ("search", search),
+                ("epoch", str(epoch)),
+                ("sample", str(sample)),
+            )
+        )
         req = urllib.request.Request(f"{self.url}/metrics/{path}", method="DELETE")
         try:
             urllib.request.urlopen(req, timeout=self.timeout).close()

@@ -102,13 +102,17 @@ class AmlfsSpace(Space):
     def program(self, theta: list[float], cfg: SpaceConfig) -> Program:
         m = cfg.intervals
         if len(theta) != self.dim(cfg):
-            raise ValueError(f"theta has {len(theta)} numbers, the amlfs/{cfg.parameterization} space with "
-                             f"M={m} needs {self.dim(cfg)}")
+            raise ValueError(
+                f"theta has {len(theta)} numbers, the amlfs/{cfg.parameterization} space with "
+                f"M={m} needs {self.dim(cfg)}"
+            )
         if cfg.parameterization == "paper":
-            at, bt, ap, bp = (list(theta[i * m:(i + 1) * m]) for i in range(4))
+            at, bt, ap, bp = (list(theta[i * m : (i + 1) * m]) for i in range(4))
         else:
-            at, bt = _monotone_t(list(theta[:m + 1]), cfg)
-            ap, bp = _monotone_tau(list(theta[m + 1:]))
-        return {"kind": "piecewise",
-                "t": {"lo": cfg.t_lo, "hi": cfg.t_hi, "a": at, "b": bt},
-                "tau": {"lo": 0.0, "hi": 1.0, "a": ap, "b": bp}}
+            at, bt = _monotone_t(list(theta[: m + 1]), cfg)
+            ap, bp = _monotone_tau(list(theta[m + 1 :]))
+        return {
+            "kind": "piecewise",
+            "t": {"lo": cfg.t_lo, "hi": cfg.t_hi, "a": at, "b": bt},
+            "tau": {"lo": 0.0, "hi": 1.0, "a": ap, "b": bp},
+        }

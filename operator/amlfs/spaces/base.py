@@ -56,11 +56,17 @@ class Space(ABC):
 
 def preset_program(init: InitSpec, label_smoothing: float = 0.0) -> Program:
     """The exact (not approximated) loss of a preset; used by selection-only mode and baselines."""
-    return {"kind": "preset", "name": init.preset, "margin": init.margin, "gamma": init.gamma,
-            "labelSmoothing": label_smoothing}
+    return {
+        "kind": "preset",
+        "name": init.preset,
+        "margin": init.margin,
+        "gamma": init.gamma,
+        "labelSmoothing": label_smoothing,
+    }
 
 
 # --- preset target functions, used for warm starts ------------------------------------------------
+
 
 def preset_t(init: InitSpec, x: float) -> float:
     if init.preset == "cosface":
@@ -77,6 +83,7 @@ def preset_tau(init: InitSpec, p: float) -> float:
 
 
 # --- evaluation of programs (pure Python, for reports and tests) ---------------------------------
+
 
 def piece_index(x: float, lo: float, hi: float, m: int) -> int:
     k = math.floor((x - lo) / (hi - lo) * m)

@@ -29,6 +29,7 @@ class SearchSoftmaxSpace(Space):
 
     def program(self, theta: list[float], cfg: SpaceConfig) -> Program:
         if len(theta) != self.dim(cfg):
-            raise ValueError(f"theta has {len(theta)} numbers, search-softmax with M={cfg.intervals} needs "
-                             f"{self.dim(cfg)}")
+            raise ValueError(
+                f"theta has {len(theta)} numbers, search-softmax with M={cfg.intervals} needs {self.dim(cfg)}"
+            )
         return {"kind": "search-softmax", "a": [min(float(v), 0.0) for v in theta]}

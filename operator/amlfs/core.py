@@ -274,6 +274,7 @@ def _close_epoch(s: _Step) -> None:
     st, spec, lay = s.st, s.spec, s.layout
     rewards = [x.reward if x.state == "Succeeded" else None for x in st.samples]
     got = [i for i, r in enumerate(rewards) if r is not None]
+    valid = [r for r in rewards if r is not None]
     if len(got) < spec.search.min_samples:
         failures = "; ".join(f"sample {x.index}: {x.message}" for x in st.samples if x.state != "Succeeded")
         st.phase, st.reason = "Failed", "TooFewRewards"
@@ -289,19 +290,19 @@ def _close_epoch(s: _Step) -> None:
     old_mu = list(st.mu)
     if spec.search.mode == "search":
         grad = reinforce.reinforce_gradient(
-            st.mu, [st.samples[i].theta for i in got], [rewards[i] for i in got], st.sigma
+            st.mu, [st.samples[i].theta for i in got], valid, st.sigma
         )
         if grad is not None:
             st.mu, st.adam = reinforce.adam_ascent(st.mu, grad, st.adam, spec.search.lr)
             if spec.search.mu_bound > 0:
                 st.mu = reinforce.clip_to(st.mu, initial_mu(spec), spec.search.mu_bound)
     mu_step = math.sqrt(sum((a - b) ** 2 for a, b in zip(st.mu, old_mu, strict=True)))
-    valid = [rewards[i] for i in got]
+    best_reward = valid[got.index(best_i)]
     record = EpochRecord(
         epoch=st.epoch,
         rewards=rewards,
         best=best_i,
-        best_reward=bx.reward,
+        best_reward=best_reward,
         mean_reward=sum(valid) / len(valid),
         mu_step=mu_step,
     )
@@ -316,9 +317,9 @@ def _close_epoch(s: _Step) -> None:
     }
     s.actions.append(AppendHistory(lay.history, full))
     targets = [lay.epoch_best(st.epoch)]
-    if st.best is None or bx.reward > st.best.reward:
+    if st.best is None or best_reward > st.best.reward:
         st.best = Best(
-            epoch=st.epoch, sample=best_i, reward=bx.reward, checkpoint=f"{lay.best}/{CHECKPOINT}", sha256=bx.sha256
+            epoch=st.epoch, sample=best_i, reward=best_reward, checkpoint=f"{lay.best}/{CHECKPOINT}", sha256=bx.sha256
         )
         targets.append(lay.best)
     s.actions.append(Promote(st.epoch, best_i, lay.sample_dir(st.epoch, best_i), targets))

@@ -18,7 +18,7 @@ def read_result(
         return None
     if theta is not None and r.get("theta") != theta:
         return None
-    outcome = "succeeded" if r.get("status") == "ok" else "no-reward"
+    outcome: core.Outcome = "succeeded" if r.get("status") == "ok" else "no-reward"
     return core.Observation(
         epoch,
         sample,

@@ -79,8 +79,9 @@ def clip_to(mu: list[float], center: list[float], bound: float) -> list[float]:
 
 def best_index(rewards: list[float | None]) -> int | None:
     """Highest reward; ties go to the lowest index."""
-    best = None
+    best: int | None = None
+    best_r = -math.inf
     for i, r in enumerate(rewards):
-        if r is not None and (best is None or r > rewards[best]):
-            best = i
+        if r is not None and (best is None or r > best_r):
+            best, best_r = i, r
     return best

@@ -274,5 +274,6 @@ def build_model(spec: ModelSpec, num_classes: int, input_shape: tuple[int, ...])
         )
     model = Classifier(features, dim, num_classes, spec.head)
     if spec.head == "linear" and spec.name in _RESNET_DEPTH:
+        assert isinstance(model.head, nn.Linear)
         nn.init.kaiming_normal_(model.head.weight)
     return model

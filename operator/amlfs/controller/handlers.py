@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -57,8 +58,9 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
-def search_daemon(stopped: kopf.DaemonStopped, namespace: str, name: str, **_: Any) -> None:
+def search_daemon(stopped: kopf.DaemonStopped, namespace: str | None, name: str, **_: Any) -> None:
     """Level-based loop: reconcile, then sleep until woken by an event or the interval passes."""
+    assert namespace is not None  # LossSearch is namespaced
     ev = _wakeups.setdefault((namespace, name), threading.Event())
     rec = _reconciler()
     try:
@@ -76,18 +78,19 @@ def search_daemon(stopped: kopf.DaemonStopped, namespace: str, name: str, **_: A
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def search_changed(namespace: str, name: str, **_: Any) -> None:
+def search_changed(namespace: str | None, name: str, **_: Any) -> None:
     _wake(namespace, name)
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_SEARCH: kopf.PRESENT})
-def pod_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
+def pod_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
     _wake(namespace, labels.get(LABEL_SEARCH))
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=lambda spec, **_: bool((spec.get("storage") or {}).get("deleteOnDelete")))
-def delete_storage(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
+def delete_storage(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
     """Only for specs with storage.deleteOnDelete: remove the search's objects (pods go by ownerReference)."""
+    assert namespace is not None
     from amlfs.spec import LossSearchSpec
 
     rec = _reconciler()

@@ -19,10 +19,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from amlfs import core, effects, storage
 from amlfs.controller import metrics
@@ -100,7 +101,7 @@ class Reconciler:
         try:
             spec = LossSearchSpec.model_validate(body.get("spec") or {})
         except ValueError as exc:
-            msg = explain(exc, "spec") if hasattr(exc, "errors") else str(exc)
+            msg = explain(exc, "spec") if isinstance(exc, ValidationError) else str(exc)
             self._patch_status(
                 body,
                 {"phase": "Failed", "reason": "InvalidSpec", "message": msg},
@@ -266,7 +267,7 @@ class Reconciler:
         import kopf
 
         pod = trainer_pod(p.spec, p.name, p.namespace, a, self.settings.pods())
-        kopf.adopt(pod, owner=p.body)
+        kopf.adopt(pod, owner=cast(kopf.Body, p.body))  # kopf reads only metadata from the owner
         try:
             self.core.create_namespaced_pod(p.namespace, pod)
             metrics.PODS_CREATED.labels(namespace=p.namespace, search=p.name).inc()
@@ -324,6 +325,7 @@ class Reconciler:
         for typ, st, reason, message in conditions:
             prev = previous.get(typ)
             changed = prev is None or prev.get("status") != st
+            last = now if prev is None or changed else prev.get("lastTransitionTime", now)
             conds.append(
                 {
                     "type": typ,
@@ -331,7 +333,7 @@ class Reconciler:
                     "reason": reason or "Unknown",
                     "message": message[:1000],
                     "observedGeneration": meta.get("generation", 0),
-                    "lastTransitionTime": now if changed else prev.get("lastTransitionTime", now),
+                    "lastTransitionTime": last,
                 }
             )
         status = dict(status, conditions=conds, observedGeneration=meta.get("generation", 0))

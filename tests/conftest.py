@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +28,15 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
         monkeypatch.setenv(k, v)
     storage._clients.clear()
     return s3_server
+
+
+# Fixtures that start real services: a test that uses one belongs to the `cluster` lane.
+_SERVICE_FIXTURES = {"s3_server", "s3_env"}
+_CLUSTER_DIR = Path(__file__).parent / "cluster"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        in_cluster_dir = _CLUSTER_DIR in Path(item.path).parents
+        if in_cluster_dir or _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)

@@ -218,6 +218,7 @@ def test_dockerignore_keeps_what_the_images_copy_and_drops_the_rest() -> None:
 # the operator image's install steps, for real, in a fresh venv
 
 
+@pytest.mark.slow
 def test_operator_image_install_steps_work_in_a_fresh_venv(tmp_path: Path) -> None:
     """Replays the build stage of ./Dockerfile: its COPYs into a fresh context, its RUNs with /opt/amlfs moved
     to a temp dir (and the pip cache allowed). The result imports the operator, runs `amlfs-operator --help`,

@@ -35,6 +35,7 @@ def history(root: str) -> list[dict]:
     return [json.loads(x) for x in storage.read_bytes(f"{root}/history.jsonl").decode().splitlines()]
 
 
+@pytest.mark.slow
 def test_cli_run_end_to_end(tmp_path, capsys):
     f = tmp_path / "tiny.yaml"
     f.write_text(yaml.safe_dump(MANIFEST))
@@ -60,6 +61,7 @@ def test_cli_run_end_to_end(tmp_path, capsys):
     assert status.best.reward > 0.5  # far above chance (0.1) on 10-class digits
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     m = parse_manifest(MANIFEST)
     ref = LocalRunner(m, tmp_path / "ref", parallel=2).run()
@@ -94,6 +96,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert [h["sha256"] for h in h_res] == [h["sha256"] for h in h_ref]
 
 
+@pytest.mark.slow
 def test_changed_search_space_is_refused_on_resume(tmp_path, capsys):
     f = tmp_path / "tiny.yaml"
     doc = json.loads(json.dumps(MANIFEST))

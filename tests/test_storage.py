@@ -11,7 +11,7 @@ import pytest
 from amlfs import storage
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.cluster)])
 def root(request, tmp_path) -> str:
     if request.param == "file":
         return f"file://{tmp_path}/store"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +107,17 @@ def idx_bytes(arr: np.ndarray) -> bytes:
     return header + arr.astype(np.uint8).tobytes()
 
 
-def write_mnist(root: Path, cls: str = "MNIST", n: int = 60, n_test: int = 20, gz: bool = False) -> dict:
-    raw = root / cls / "raw"
-    raw.mkdir(parents=True)
+def write_mnist(
+    root: Path,
+    cls: str = "MNIST",
+    n: int = 60,
+    n_test: int = 20,
+    gz: bool | set[str] = False,
+    folder: str | None = None,
+) -> dict:
+    """The four idx files in `root/folder` (torchvision's `<cls>/raw` by default); `gz`: all or these names."""
+    raw = root / (f"{cls}/raw" if folder is None else folder)
+    raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(8)
     out = {
         "x": synthetic_images(n, 1, 28, 0, 9)[:, 0],
@@ -123,7 +132,7 @@ def write_mnist(root: Path, cls: str = "MNIST", n: int = 60, n_test: int = 20, g
         "t10k-labels-idx1-ubyte": out["y_test"],
     }
     for name, arr in files.items():
-        if gz:
+        if gz is True or (isinstance(gz, set) and name in gz):
             (raw / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(arr)))
         else:
             (raw / name).write_bytes(idx_bytes(arr))
@@ -286,6 +295,7 @@ def test_crop_flip_matches_reference() -> None:
 
 def test_cifar100_fine_labels(tmp_path: Path) -> None:
     raw = write_cifar100(tmp_path)
+    (tmp_path / "cifar-100-python" / "meta").unlink()  # class names: not needed, as before
     d = load_task(task(dataset="cifar100", data_root=str(tmp_path), val_fraction=0.25), CPU)
     assert (d.num_classes, d.size("train"), d.size("val"), d.size("test")) == (100, 45, 15, 20)
     mean = torch.tensor([0.5071, 0.4865, 0.4409]).view(1, 3, 1, 1)
@@ -321,7 +331,34 @@ def test_mnist_like_idx_files(tmp_path: Path, dataset: str, cls: str, gz: bool, 
     assert ((xt - plain).abs().flatten(1).amax(1) > 1e-3).any(), "random crop moves pixels"
 
 
+@pytest.mark.parametrize(
+    ("folder", "gz"),
+    [
+        ("raw", False),  # a bare raw/ under dataRoot
+        ("", False),  # the files directly under dataRoot
+        ("", {"train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}),  # some gzipped, some not
+        ("MNIST/raw", {"train-labels-idx1-ubyte"}),
+    ],
+)
+def test_mnist_other_layouts_read_without_writing_to_data_root(tmp_path: Path, folder: str, gz: object) -> None:
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    raw = write_mnist(root, folder=folder, gz=gz)  # type: ignore[arg-type]
+    before = sorted(root.rglob("*"))
+    d = load_task(task(dataset="mnist", data_root=str(root), val_fraction=0.25), CPU, cache_dir=cache)
+    assert (d.size("train"), d.size("val"), d.size("test")) == (45, 15, 20)
+    x, y = collect(d.eval_batches("test", 32))
+    assert torch.equal(identity_of(x, torch.tensor(0.1307), torch.tensor(0.3081)) - 200, torch.arange(20))
+    assert torch.equal(y, torch.from_numpy(raw["y_test"]))
+    xt, yt = collect(d.eval_batches("train", 64))
+    ids = identity_of(xt, torch.tensor(0.1307), torch.tensor(0.3081))
+    assert torch.equal(yt, torch.from_numpy(raw["y"][ids.numpy()]))
+    assert sorted(root.rglob("*")) == before, "dataRoot is only read"
+    assert list(cache.iterdir()) == [], "the decompressed staging copy is removed"
+
+
 def test_mnist_layout_is_torchvisions_and_download_skipped_when_present(tmp_path: Path, monkeypatch) -> None:
+    import urllib.request
+
     import torchvision
 
     raw = write_mnist(tmp_path)
@@ -333,9 +370,11 @@ def test_mnist_layout_is_torchvisions_and_download_skipped_when_present(tmp_path
     def no_network(*a: object, **k: object) -> None:
         raise AssertionError("download attempted although the files exist")
 
-    monkeypatch.setattr(torchvision.datasets, "MNIST", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
     d = load_task(task(dataset="mnist", data_root=str(tmp_path), download=True), CPU)
     assert d.size("test") == 20
+    write_cifar10(tmp_path)
+    assert load_task(task(dataset="cifar10", data_root=str(tmp_path), download=True), CPU).size("test") == 30
 
 
 # --- errors -------------------------------------------------------------------------------------------
@@ -355,29 +394,73 @@ def test_missing_files_name_field_and_fix(tmp_path: Path) -> None:
         load_task(task(dataset="cifar10"), CPU)
 
 
-def test_failed_download_is_a_data_error(tmp_path: Path, monkeypatch) -> None:
-    import torchvision
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        ("cifar10", r"CIFAR-10 into .* failed \(<urlopen error \[Errno -3\]"),
+        # torchvision tries each mirror and reports them all, over several lines
+        ("fashion-mnist", r"Fashion-MNIST into .* failed \(Error downloading train-images-idx3-ubyte.gz: Tried "),
+    ],
+)
+def test_failed_download_is_a_data_error(tmp_path: Path, monkeypatch, dataset: str, expected: str) -> None:
+    import urllib.error
+    import urllib.request
 
     def offline(*a: object, **k: object) -> None:
-        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(DataError, match=r"^task.download: downloading CIFAR-10 into .* failed \(<urlopen"):
-        load_task(task(dataset="cifar10", data_root=str(tmp_path), download=True), CPU)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match=rf"^task.download: downloading {expected}") as err:
+        load_task(task(dataset=dataset, data_root=str(tmp_path), download=True), CPU)
+    assert "\n" not in str(err.value) and str(err.value).endswith("check network access")
 
 
 def test_corrupt_files(tmp_path: Path) -> None:
+    fix = r"; delete those files and set task.download: true or copy them again$"
     write_cifar10(tmp_path)
-    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    base = tmp_path / "cifar-10-batches-py"
+    path = base / "data_batch_3"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(DataError, match=r"task.dataRoot: corrupt CIFAR-10 file .*data_batch_3"):
+    with pytest.raises(
+        DataError,
+        match=r"^task.dataRoot: corrupt CIFAR-10 data in data_batch_1, .*data_batch_3, .*"
+        rf"under {re.escape(str(base))} \(UnpicklingError: pickle data was truncated\){fix}",
+    ):
         load_task(task(dataset="cifar10", data_root=str(tmp_path)), CPU)
+    short = tmp_path / "c100"
+    write_cifar100(short)
+    entry = pickle.loads((short / "cifar-100-python" / "test").read_bytes())
+    entry["fine_labels"] = entry["fine_labels"][:-1]
+    (short / "cifar-100-python" / "test").write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(DataError, match=rf"corrupt CIFAR-100 data in test under .* \(20 images but 19 labels\){fix}"):
+        load_task(task(dataset="cifar100", data_root=str(short)), CPU)
+
     mnist = tmp_path / "m"
     write_mnist(mnist)
     lbl = mnist / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
     lbl.write_bytes(lbl.read_bytes()[:-3])
-    with pytest.raises(DataError, match=r"corrupt MNIST file .*t10k-labels-idx1-ubyte \(header says"):
+    with pytest.raises(
+        DataError,
+        match=r"^task.dataRoot: corrupt MNIST data in t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte under "
+        rf".*MNIST/raw \(RuntimeError: shape '\[20\]' is invalid for input of size 17\){fix}",
+    ):
         load_task(task(dataset="mnist", data_root=str(mnist)), CPU)
+    lbl.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))  # not an idx file at all
+    with pytest.raises(DataError, match=r"corrupt MNIST data in t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"):
+        load_task(task(dataset="mnist", data_root=str(mnist)), CPU)
+    fewer = tmp_path / "f"
+    raw = write_mnist(fewer, folder="")
+    (fewer / "train-labels-idx1-ubyte").write_bytes(idx_bytes(raw["y"][:-1]))
+    with pytest.raises(DataError, match=rf"corrupt MNIST data in train-images.* \(60 images but 59 labels\){fix}"):
+        load_task(task(dataset="mnist", data_root=str(fewer)), CPU)
+    gz = tmp_path / "g"
+    write_mnist(gz, "FashionMNIST", gz=True)
+    (gz / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(
+        DataError,
+        match=r"^task.dataRoot: corrupt Fashion-MNIST data in train-images-idx3-ubyte.gz under .*raw \(BadGzip",
+    ):
+        load_task(task(dataset="fashion-mnist", data_root=str(gz)), CPU)
     wrong = tmp_path / "w"
     raw = write_mnist(wrong)
     (wrong / "MNIST" / "raw" / "train-labels-idx1-ubyte").write_bytes(idx_bytes(raw["y"] + 10))

@@ -19,11 +19,6 @@ from pydantic.alias_generators import to_camel
 API_VERSION = "amlfs.io/v1alpha1"
 KIND = "LossSearch"
 
-DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
-MODELS = ("mlp", "small-cnn", "cnn1d", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50")
-SPACES = ("amlfs", "search-softmax")
-PRESETS = ("softmax", "cosface", "arcface", "focal")
-
 Dataset = Literal["digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"]
 ModelName = Literal["mlp", "small-cnn", "cnn1d", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50"]
 SpaceName = Literal["amlfs", "search-softmax"]

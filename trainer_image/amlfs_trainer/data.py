@@ -11,22 +11,20 @@ no per-example Python calls and no host synchronisation. CIFAR augmentation (4-p
 one gather per batch whose random offsets are drawn for the whole epoch from the epoch's generator.
 `imagefolder` is streamed from disk through a DataLoader.
 
-The on-disk files are read here (CIFAR pickle batches, MNIST idx files, plain or gzipped); torchvision
-is used to download them when `task.download` is set. Files are not MD5-checked when they are already
-present, so a truncated or malformed file is reported as corrupt only when it fails to parse.
+CIFAR-10/100, MNIST and Fashion-MNIST are read (and, with `task.download`, downloaded) by torchvision's
+dataset classes. Files already present are not MD5-checked, so a truncated or malformed file is reported
+as corrupt only when it fails to parse.
 """
 
 from __future__ import annotations
 
-import gzip
+import functools
 import hashlib
 import json
-import math
-import pickle
 import random
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,7 +260,7 @@ def load_task(task: TaskSpec, device: torch.device, cache_dir: Path | None = Non
     elif task.dataset in ("cifar10", "cifar100"):
         arrays = _load_cifar(task, _resolve_root(task, cache))
     else:
-        arrays = _load_mnist_like(task, _resolve_root(task, cache))
+        arrays = _load_mnist_like(task, _resolve_root(task, cache), cache)
     _check_labels(arrays[1], info, task)
     _check_labels(arrays[3], info, task)
     return InMemoryTaskData(_to_splits(*arrays, task, device), info, device, task.augment)
@@ -358,7 +356,7 @@ def _load_mnist1d(cache: Path | None) -> Arrays:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, **data)
+            np.savez(tmp, x=data["x"], y=data["y"], x_test=data["x_test"], y_test=data["y_test"])
             tmp.replace(path)
 
     def x_(a: np.ndarray) -> Tensor:
@@ -383,82 +381,61 @@ def _make_mnist1d() -> dict[str, np.ndarray]:
     return {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
 
 
-# --- CIFAR-10/100 ---------------------------------------------------------------------------------
+# --- CIFAR-10/100, MNIST and Fashion-MNIST (read by torchvision) ----------------------------------
 
-_CIFAR = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
-}
+
+@functools.cache
+def _cifar_class(name: str) -> Any:
+    """torchvision's CIFAR-10 or CIFAR-100 dataset, asking only that the batch files exist.
+
+    torchvision checks every batch against the official MD5 and reports any difference as "not found";
+    a malformed file still fails when it is read. The class-name file (`batches.meta` / `meta`) is never
+    needed, so it is neither required nor read.
+    """
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    class Cifar10(CIFAR10):
+        train_list = [[f, None] for f, _ in CIFAR10.train_list]
+        test_list = [[f, None] for f, _ in CIFAR10.test_list]
+
+        def _load_meta(self) -> None:
+            self.classes: list[str] = []
+
+    class Cifar100(CIFAR100):
+        train_list = [[f, None] for f, _ in CIFAR100.train_list]
+        test_list = [[f, None] for f, _ in CIFAR100.test_list]
+        _load_meta = Cifar10._load_meta
+
+    return Cifar10 if name == "cifar10" else Cifar100
 
 
 def _load_cifar(task: TaskSpec, root: Path) -> Arrays:
-    folder, train_files, test_files, key = _CIFAR[task.dataset]
+    cls = _cifar_class(task.dataset)
     label = _info(task.dataset).label
-    base = root / folder
-    missing = [f for f in train_files + test_files if not (base / f).is_file()]
-    if missing and task.download:
-        from torchvision.datasets import CIFAR10, CIFAR100
+    base = root / cls.base_folder
+    train_files = [base / f for f, _ in cls.train_list]
+    test_files = [base / f for f, _ in cls.test_list]
 
-        cls = CIFAR10 if task.dataset == "cifar10" else CIFAR100
+    def missing() -> list[str]:
+        return [p.name for p in train_files + test_files if not p.is_file()]
+
+    if missing() and task.download:
         _download(task, root, label, lambda: cls(str(root), train=True, download=True))
-        missing = [f for f in train_files + test_files if not (base / f).is_file()]
-    if missing:
+    if absent := missing():
         raise DataError(
-            f"task.dataRoot: no {label} files under {task.data_root} (expected {folder}/ with "
-            f"{', '.join(missing)}); set task.download: true or point dataRoot at the data"
+            f"task.dataRoot: no {label} files under {task.data_root} (expected {cls.base_folder}/ with "
+            f"{', '.join(absent)}); set task.download: true or point dataRoot at the data"
         )
-    x_train, y_train = _read_cifar_batches([base / f for f in train_files], key, task)
-    x_test, y_test = _read_cifar_batches([base / f for f in test_files], key, task)
+
+    def read(train: bool) -> tuple[Tensor, Tensor]:
+        ds = cls(str(root), train=train)
+        # torchvision holds the images as (N, H, W, C); the trainer's are (N, C, H, W).
+        x = np.ascontiguousarray(np.asarray(ds.data, dtype=np.uint8).transpose(0, 3, 1, 2))
+        return torch.from_numpy(x), torch.tensor(ds.targets, dtype=torch.int64)
+
+    x_train, y_train = _read(task, lambda: read(True), train_files)
+    x_test, y_test = _read(task, lambda: read(False), test_files)
     return x_train, y_train, x_test, y_test
-
-
-def _read_cifar_batches(paths: Sequence[Path], key: str, task: TaskSpec) -> tuple[Tensor, Tensor]:
-    xs, ys = [], []
-    for path in paths:
-        try:
-            with path.open("rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            labels = np.asarray(entry[key], dtype=np.int64)
-        except (
-            OSError,
-            EOFError,
-            pickle.UnpicklingError,
-            KeyError,
-            ValueError,
-            TypeError,
-            AttributeError,
-            IndexError,
-        ) as exc:
-            raise DataError(
-                f"task.dataRoot: corrupt {_info(task.dataset).label} file {path} "
-                f"({type(exc).__name__}: {_one_line(exc)}); delete it and set task.download: true "
-                "or copy it again"
-            ) from None
-        if len(labels) != len(data):
-            raise DataError(
-                f"task.dataRoot: corrupt {_info(task.dataset).label} file {path} ({len(data)} images "
-                f"but {len(labels)} labels); delete it and set task.download: true or copy it again"
-            )
-        xs.append(torch.from_numpy(data))
-        ys.append(torch.from_numpy(labels))
-    return torch.cat(xs), torch.cat(ys)
-
-
-# --- MNIST and Fashion-MNIST ----------------------------------------------------------------------
-
-_MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-
-def _mnist_raw_dirs(task: TaskSpec, root: Path) -> list[Path]:
-    """Where the idx files may be: torchvision's `<root>/<Class>/raw/` first, then `root` itself."""
-    cls = "MNIST" if task.dataset == "mnist" else "FashionMNIST"
-    return [root / cls / "raw", root / "raw", root]
 
 
 def _find_idx(dirs: Sequence[Path], name: str) -> Path | None:
@@ -469,56 +446,79 @@ def _find_idx(dirs: Sequence[Path], name: str) -> Path | None:
     return None
 
 
-def _load_mnist_like(task: TaskSpec, root: Path) -> Arrays:
-    label = _info(task.dataset).label
-    dirs = _mnist_raw_dirs(task, root)
-    found = {name: _find_idx(dirs, name) for name in _MNIST_FILES}
-    if None in found.values() and task.download:
-        from torchvision.datasets import MNIST, FashionMNIST
+def _load_mnist_like(task: TaskSpec, root: Path, cache: Path | None) -> Arrays:
+    from torchvision.datasets import MNIST, FashionMNIST
+    from torchvision.datasets.utils import extract_archive
 
-        cls = MNIST if task.dataset == "mnist" else FashionMNIST
+    cls = MNIST if task.dataset == "mnist" else FashionMNIST
+    label = _info(task.dataset).label
+    names = [f.removesuffix(".gz") for f, _ in cls.resources]  # train images, labels; test images, labels
+    # torchvision's `<root>/<Class>/raw/` first, then a bare `raw/`, then the files directly under root.
+    dirs = [root / cls.__name__ / "raw", root / "raw", root]
+
+    def find() -> dict[str, Path]:
+        return {name: p for name in names if (p := _find_idx(dirs, name)) is not None}
+
+    found = find()
+    if len(found) < len(names) and task.download:
         _download(task, root, label, lambda: cls(str(root), train=True, download=True))
-        found = {name: _find_idx(dirs, name) for name in _MNIST_FILES}
-    missing = [name for name, path in found.items() if path is None]
-    if missing:
+        found = find()
+    if missing := [name for name in names if name not in found]:
         raise DataError(
             f"task.dataRoot: no {label} files under {task.data_root} (expected "
             f"{dirs[0].relative_to(root)}/ with {', '.join(missing)}[.gz]); set task.download: true "
             "or point dataRoot at the data"
         )
-    arrays = [_read_idx(found[name], task) for name in _MNIST_FILES]  # type: ignore[arg-type]
-    x_train, y_train, x_test, y_test = arrays
-    for x, y, name in ((x_train, y_train, "train"), (x_test, y_test, "t10k")):
-        if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
-            raise DataError(
-                f"task.dataRoot: corrupt {label} {name} files under {found[_MNIST_FILES[0]].parent} "
-                f"(images {tuple(x.shape)}, labels {tuple(y.shape)}); delete them and set "
-                "task.download: true or copy them again"
-            )
-    return x_train.unsqueeze(1), y_train.long(), x_test.unsqueeze(1), y_test.long()
+    # torchvision reads only uncompressed `<root>/<Class>/raw/` files, and prefers legacy `processed/*.pt`
+    # files where they exist. So it is given a staging root holding just the files found here (links;
+    # gzipped ones decompressed), outside dataRoot, which may be read-only.
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="amlfs-idx-", dir=cache) as stage:
+        raw = Path(stage) / cls.__name__ / "raw"
+        raw.mkdir(parents=True)
+        for name, path in found.items():
+            if path.suffix != ".gz":
+                (raw / name).symlink_to(path.absolute())
+                continue
+            try:
+                extract_archive(str(path), str(raw))
+            except Exception as exc:  # gzip and OS errors of several types
+                raise _corrupt(task, [path], exc) from None
+
+        def read(train: bool) -> tuple[Tensor, Tensor]:
+            ds = cls(stage, train=train)
+            return ds.data.unsqueeze(1), ds.targets
+
+        x_train, y_train = _read(task, lambda: read(True), [found[n] for n in names[:2]])
+        x_test, y_test = _read(task, lambda: read(False), [found[n] for n in names[2:]])
+    return x_train, y_train, x_test, y_test
 
 
-def _read_idx(path: Path, task: TaskSpec) -> Tensor:
-    """An idx (LeCun) uint8 file, plain or gzipped, as a tensor of its declared shape."""
+def _read(task: TaskSpec, read: Callable[[], tuple[Tensor, Tensor]], files: Sequence[Path]) -> tuple[Tensor, Tensor]:
+    """`read()`'s (images, labels), any failure reported as corrupt `files` (the ones `read` parses)."""
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        if len(raw) < 4 or raw[0:2] != b"\x00\x00" or raw[2] != 0x08:
-            raise ValueError("not an unsigned-byte idx file")
-        ndim = raw[3]
-        header = 4 + 4 * ndim
-        if ndim < 1 or len(raw) < header:
-            raise ValueError("truncated header")
-        shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-        count = math.prod(shape)
-        if len(raw) - header != count:
-            raise ValueError(f"header says {shape} ({count} bytes) but {len(raw) - header} bytes follow")
-        arr = np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
-    except (OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
-        raise DataError(
-            f"task.dataRoot: corrupt {_info(task.dataset).label} file {path} ({_one_line(exc)}); "
-            "delete it and set task.download: true or copy it again"
-        ) from None
-    return torch.from_numpy(arr.copy())
+        x, y = read()
+    except Exception as exc:  # torchvision's parsers raise whatever the bytes trigger (pickle, assert, view...)
+        raise _corrupt(task, files, exc) from None
+    if len(x) != len(y):
+        raise _corrupt(task, files, f"{len(x)} images but {len(y)} labels")
+    return x, y
+
+
+def _corrupt(task: TaskSpec, files: Sequence[Path], why: BaseException | str) -> DataError:
+    if isinstance(why, BaseException):
+        why = f"{type(why).__name__}: {_one_line(why)}" if str(why).strip() else type(why).__name__
+    parents = {p.parent for p in files}
+    where = (
+        f"{', '.join(p.name for p in files)} under {files[0].parent}"
+        if len(parents) == 1
+        else ", ".join(map(str, files))
+    )
+    return DataError(
+        f"task.dataRoot: corrupt {_info(task.dataset).label} data in {where} ({why}); delete those files "
+        "and set task.download: true or copy them again"
+    )
 
 
 # --- imagefolder ----------------------------------------------------------------------------------

@@ -289,9 +289,7 @@ def _close_epoch(s: _Step) -> None:
     bx = st.samples[best_i]
     old_mu = list(st.mu)
     if spec.search.mode == "search":
-        grad = reinforce.reinforce_gradient(
-            st.mu, [st.samples[i].theta for i in got], valid, st.sigma
-        )
+        grad = reinforce.reinforce_gradient(st.mu, [st.samples[i].theta for i in got], valid, st.sigma)
         if grad is not None:
             st.mu, st.adam = reinforce.adam_ascent(st.mu, grad, st.adam, spec.search.lr)
             if spec.search.mu_bound > 0:

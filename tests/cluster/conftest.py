@@ -4,7 +4,7 @@
 
 * ``local`` (default): a control plane started here (etcd, kube-apiserver,
   kube-controller-manager, kube-scheduler; see controlplane.py) plus the
-  process kubelet (kubelet.py), one per test session.  Missing binaries are
+  process kubelet (kubelet/), one per test session.  Missing binaries are
   built by tests/cluster/build.sh (slow the first time on a machine).
 * ``external``: the cluster in ``$KUBECONFIG`` (e.g. kind, see
   tests/e2e/kind-up.sh); nothing is started, and pods run in real

@@ -12,8 +12,8 @@ Prometheus scrapes (every second):
   ``prometheus.add_target("127.0.0.1:8000", labels={...})`` (file_sd_configs;
   Prometheus picks the file up within about a second).
 
-S3 comes from the lead's fixture in ``tests/support/s3.py`` (SeaweedFS):
-``start_s3`` here just imports and calls it.
+S3 (SeaweedFS) is ``tests/support/s3.py``, which the unit tests use too;
+``start_s3`` here only finds and calls it, so both start the same server.
 """
 
 from __future__ import annotations
@@ -291,7 +291,8 @@ class Monitoring:
 
 
 def start_s3(tmpdir: Path):
-    """The lead's SeaweedFS S3 fixture (tests/support/s3.py)."""
+    """Start SeaweedFS S3 with ``tests/support/s3.py``: imported as ``tests.support.s3`` or, when only ``tests/``
+    (not the repository root) is on sys.path, loaded from its file."""
     try:
         from tests.support.s3 import start_s3 as _start  # type: ignore
     except ImportError:
@@ -300,7 +301,7 @@ def start_s3(tmpdir: Path):
 
         path = Path(__file__).resolve().parents[1] / "support" / "s3.py"
         if not path.exists():
-            raise ServiceError("tests/support/s3.py (start_s3) is not there yet") from None
+            raise ServiceError("tests/support/s3.py (start_s3) not found") from None
         spec = importlib.util.spec_from_file_location("amlfs_support_s3", path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod

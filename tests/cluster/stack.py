@@ -1,6 +1,6 @@
 """The whole local test stack for humans (see ``tests/cluster/up``):
-control plane + process kubelet + Prometheus/Pushgateway (+ S3 when the
-lead's tests/support/s3.py is there)."""
+control plane + process kubelet + Prometheus/Pushgateway (+ S3 from
+tests/support/s3.py unless --no-s3; the stack still comes up without it)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
 
 if [ -x tests/cluster/prereqs.sh ]; then
   tests/cluster/prereqs.sh   # apt packages and the cached Go builds of the control plane

@@ -92,6 +92,7 @@ def test_helm_lint_strict(helm_bin, sets) -> None:
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("metrics.serviceMonitor.interval=often", "/metrics/serviceMonitor/interval"),
         ("replicas=2", "additional properties 'replicas' not allowed"),
+        ("runAsUser=0", "/runAsUser"),
     ],
 )
 def test_values_schema_rejects_bad_values(helm_bin, value, message) -> None:
@@ -161,9 +162,13 @@ def test_deployment_shape(helm_bin) -> None:
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == docs["ServiceAccount"][0]["metadata"]["name"]
-    assert (
-        pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    )
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     (c,) = pod["containers"]
     assert c["image"] == "amlfs-operator:0.1.0" and "command" not in c  # the image's ENTRYPOINT
     sc = c["securityContext"]
@@ -178,11 +183,45 @@ def test_deployment_shape(helm_bin) -> None:
     assert env["AMLFS_POD_S3_ENDPOINT"] == env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
     assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3creds", "key": "AWS_ACCESS_KEY_ID"}}
     assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3creds", "key": "AWS_SECRET_ACCESS_KEY"}}
-    assert env["HOME"] == "/tmp"
+    assert env["HOME"] == "/tmp" and env["AMLFS_POD_RUN_AS_USER"] == "1000"
     assert [m["mountPath"] for m in c["volumeMounts"]] == ["/tmp"]
     # cluster-wide: no AMLFS_NAMESPACE
     cw = by_kind(render(helm_bin, show=["templates/deployment.yaml"]))["Deployment"][0]
     assert "AMLFS_NAMESPACE" not in {e["name"] for e in cw["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_run_as_user_null_leaves_the_uid_to_the_platform(helm_bin, monkeypatch) -> None:
+    """`runAsUser=null` (OpenShift's restricted-v2 assigns the uid): neither the operator pod nor, through
+    AMLFS_POD_RUN_AS_USER, the trainer pods set runAsUser/runAsGroup/fsGroup; both keep runAsNonRoot."""
+    from amlfs.controller.main import parser
+    from amlfs.controller.pods import trainer_pod
+    from amlfs.controller.reconcile import Settings
+    from amlfs.core import StartSample
+    from amlfs.spec import LossSearchSpec
+
+    def rendered(*sets: str) -> tuple[dict, str]:
+        (dep,) = render(helm_bin, *sets, show=["templates/deployment.yaml"])
+        pod = dep["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        return pod["securityContext"], env["AMLFS_POD_RUN_AS_USER"]
+
+    def trainer_security(env_value: str) -> dict:
+        monkeypatch.setenv("AMLFS_POD_RUN_AS_USER", env_value)
+        settings = Settings(run_as_user=parser().parse_args([]).pod_run_as_user)
+        spec = LossSearchSpec.model_validate(yaml.safe_load(EXAMPLE.read_text())["spec"])
+        start = StartSample(0, 0, 0, [0.0], {}, None, "s3://b/x")
+        return trainer_pod(spec, "s", "ns", start, settings.pods())["spec"]["securityContext"]
+
+    restricted = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    ctx, env_value = rendered("runAsUser=null")
+    assert ctx == restricted and env_value == ""
+    assert trainer_security(env_value) == restricted
+    ctx, env_value = rendered("runAsUser=4242")
+    assert ctx == {**restricted, "runAsUser": 4242, "runAsGroup": 4242, "fsGroup": 4242} and env_value == "4242"
+    assert trainer_security(env_value) == ctx
+    # keys set in podSecurityContext win over the ids from runAsUser
+    ctx, _ = rendered("podSecurityContext.fsGroup=2000")
+    assert ctx["fsGroup"] == 2000 and ctx["runAsUser"] == 1000
 
 
 def test_monitors_select_what_the_operator_creates(helm_bin) -> None:
@@ -278,6 +317,8 @@ def test_rendered_chart_is_accepted_by_the_api_server(cluster, namespace) -> Non
             "configmap/amlfs-dashboards",
         ):
             assert obj in out and "(server dry run)" in out, out
+        out = _template_to_server(cluster, namespace, "runAsUser=null")  # the uid left to the platform
+        assert "deployment.apps/amlfs" in out and "(server dry run)" in out, out
         out = _template_to_server(cluster, namespace, f"watchNamespace={watched}")
         assert "role.rbac.authorization.k8s.io/amlfs" in out and "rolebinding.rbac.authorization.k8s.io/amlfs" in out
         # the dry run is real: a broken manifest is refused by the server
@@ -295,6 +336,25 @@ def test_rendered_chart_is_accepted_by_the_api_server(cluster, namespace) -> Non
         assert proc.returncode != 0 and "Sometimes" in proc.stderr
     finally:
         cluster.kubectl("delete", "namespace", watched, "--wait=false", check=False)
+
+
+def test_trainer_pods_without_a_uid_pass_the_restricted_pod_security_standard(cluster, namespace) -> None:
+    """A trainer pod as the operator creates it with AMLFS_POD_RUN_AS_USER="" (no runAsUser/runAsGroup/fsGroup) is
+    admitted in a namespace that enforces the restricted Pod Security Standard; without runAsNonRoot it is not."""
+    from amlfs.controller.pods import PodSettings, trainer_pod
+    from amlfs.core import StartSample
+    from amlfs.spec import LossSearchSpec
+
+    cluster.kubectl("label", "namespace", namespace, RESTRICTED)
+    spec = LossSearchSpec.model_validate(yaml.safe_load(EXAMPLE.read_text())["spec"])
+    start = StartSample(0, 0, 0, [0.0], {}, None, "s3://b/x")
+    pod = trainer_pod(spec, "s", namespace, start, PodSettings(run_as_user=None))
+    assert "runAsUser" not in pod["spec"]["securityContext"] and "fsGroup" not in pod["spec"]["securityContext"]
+    out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(pod)).stdout
+    assert f"pod/{pod['metadata']['name']}" in out and "(server dry run)" in out, out
+    pod["spec"]["securityContext"]["runAsNonRoot"] = False
+    proc = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(pod), check=False)
+    assert proc.returncode != 0 and "runAsNonRoot" in proc.stderr, proc.stderr
 
 
 def can_i(cluster, sa: str, verb: str, resource: str, namespace: str | None = None, *extra: str) -> bool:

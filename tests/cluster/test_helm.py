@@ -1,12 +1,15 @@
 """The Helm chart (helm/amlfs) against the real control plane: lint, schema, server-side dry-run, least-privilege
 RBAC (`kubectl auth can-i` as the chart's ServiceAccount), and an end-to-end search driven by the operator the
-chart deploys — a Pod of the process kubelet that authenticates with its ServiceAccount token only — with every
-PromQL expression of the Grafana dashboards run against the real Prometheus afterwards."""
+chart deploys — a Pod (of the process kubelet, or the operator image in a container on kind) that authenticates
+with its ServiceAccount token only — with every PromQL expression of the Grafana dashboards run against the real
+Prometheus afterwards."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -21,6 +24,7 @@ import yaml
 from tests.support.s3 import free_port
 
 from .controlplane import ensure_binaries
+from .incluster import cluster_mode
 from .test_operator import EXAMPLE, apply, search_pods, setup_namespace
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +35,10 @@ RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
 
 @pytest.fixture(scope="module")
 def helm_bin() -> str:
-    """helm without starting a cluster (lint/template need none)."""
+    """helm without starting a cluster (lint/template need none): the build of tests/cluster/go/helm, or on an
+    external cluster the helm on PATH when there is one (the kind workflow installs the same version)."""
+    if cluster_mode() == "external" and shutil.which("helm"):
+        return shutil.which("helm")
     return str(ensure_binaries() / "helm")
 
 
@@ -521,9 +528,13 @@ def wait_running(cluster, namespace: str, pod: str, timeout: float) -> None:
     raise AssertionError(f"pod {namespace}/{pod} not Running after {timeout}s: {phase}")
 
 
-def pod_environ(kubelet, pod: str) -> dict[str, str]:
-    """The live process environment of a pod's container (the process kubelet runs it on this host)."""
-    for pid in kubelet.pids():
+def pod_environ(cluster, namespace: str, pod: str) -> dict[str, str]:
+    """The live process environment of a pod's (only) container: read from /proc on this host for the process
+    kubelet's pods, from the container's PID 1 (its entrypoint) on a real cluster."""
+    if cluster.kubelet is None:
+        raw = cluster.kubectl("exec", "-n", namespace, pod, "--", "cat", "/proc/1/environ").stdout
+        return dict(x.split("=", 1) for x in raw.split("\0") if "=" in x)
+    for pid in cluster.kubelet.pids():
         try:
             raw = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
@@ -534,34 +545,65 @@ def pod_environ(kubelet, pod: str) -> dict[str, str]:
     raise AssertionError(f"no running process of pod {pod}")
 
 
+def wait_healthz(cluster, namespace: str, pod: str, port: int, timeout: float = 120) -> None:
+    """The liveness probe's endpoint answers 200: on this host for the process kubelet's pods (which share its
+    network), through the API server's pod proxy on a real cluster."""
+    if cluster.kubelet is not None:
+        assert wait_http(f"http://127.0.0.1:{port}/healthz", timeout) == 200
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy/healthz"
+        proc = cluster.kubectl("get", "--raw", path, check=False)
+        if proc.returncode == 0:
+            return
+        assert time.monotonic() < deadline, proc.stderr
+        time.sleep(1)
+
+
 @pytest.fixture
-def operator_image(process_kubelet) -> str:
-    """The operator image's entrypoint on the process kubelet: the local `amlfs-operator` console script."""
-    process_kubelet.image_commands.setdefault("amlfs-operator", ["amlfs-operator"])
-    return "amlfs-operator"
+def operator_image(cluster) -> tuple[str, str]:
+    """(image.repository, image.tag) of the operator: on a real cluster the image built from ./Dockerfile and
+    loaded into it ($AMLFS_TEST_OPERATOR_IMAGE, default amlfs-operator:dev); on the process kubelet the local
+    `amlfs-operator` console script is the image's entrypoint (tag: the chart's default)."""
+    if cluster.kubelet is not None:
+        cluster.kubelet.image_commands.setdefault("amlfs-operator", ["amlfs-operator"])
+        return "amlfs-operator", ""
+    image = os.environ.get("AMLFS_TEST_OPERATOR_IMAGE", "amlfs-operator:dev")
+    repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
+    return repository, tag
 
 
 def test_helm_install_runs_a_search_with_least_privilege_and_the_dashboards_show_it(
-    cluster, namespace, operator_image, process_kubelet, monitoring, s3_server, tmp_path
+    cluster, namespace, operator_image, monitoring, s3_server, tmp_path
 ):
+    """Locally the operator Pod is a process of the process kubelet and Prometheus scrapes the ports registered
+    here; on a real cluster (kind) it is the operator image in a container, and the in-cluster Prometheus finds
+    the operator and trainer pods itself. Either way the chart gets the in-cluster addresses of S3 and the
+    Pushgateway (``pod_endpoint``/``pod_url``), since the operator runs in a Pod."""
     release_ns, search_ns, name = namespace, f"s-{uuid.uuid4().hex[:8]}", "helm-digits"
+    local = cluster.kubelet is not None
     cluster.kubectl("label", "namespace", release_ns, RESTRICTED)
     cluster.kubectl("create", "namespace", search_ns)
     cluster.kubectl("label", "namespace", search_ns, RESTRICTED)
     setup_namespace(cluster, release_ns, s3_server)  # the operator's own S3 credentials (secretKeyRef)
     setup_namespace(cluster, search_ns, s3_server)  # the trainer pods' (spec.storage.secretName)
-    metrics_port, health_port, trainer_port = free_port(), free_port(), free_port()
+    # the process kubelet's pods share this host's network: free ports; in containers the chart's defaults
+    metrics_port, health_port, trainer_port = (free_port(), free_port(), free_port()) if local else (8080, 8081, 9400)
     prom = monitoring.prometheus
-    targets = [
-        prom.add_target(f"127.0.0.1:{metrics_port}", labels={"job": "amlfs-operator"}),
-        prom.add_target(f"127.0.0.1:{trainer_port}", labels={"job": "amlfs-trainers", "namespace": search_ns}),
-    ]
+    targets = []
+    if local:
+        targets = [
+            prom.add_target(f"127.0.0.1:{metrics_port}", labels={"job": "amlfs-operator"}),
+            prom.add_target(f"127.0.0.1:{trainer_port}", labels={"job": "amlfs-trainers", "namespace": search_ns}),
+        ]
+    repository, tag = operator_image
     values = {
-        "image.repository": operator_image,
+        "image.repository": repository,
         "watchNamespace": search_ns,
-        "pushgateway.url": monitoring.pushgateway.url,
+        "pushgateway.url": monitoring.pushgateway.pod_url,
         "storage.defaultUri": f"s3://{s3_server.bucket}/helm",
-        "storage.endpoint": s3_server.endpoint,
+        "storage.endpoint": s3_server.pod_endpoint,
         "storage.region": "us-east-1",
         "storage.existingSecret": "amlfs-s3",
         "operator.metricsPort": str(metrics_port),
@@ -570,7 +612,10 @@ def test_helm_install_runs_a_search_with_least_privilege_and_the_dashboards_show
         "operator.rewardTimeout": "20",
         "operator.logFormat": "plain",
     }
-    sets = [a for k, v in values.items() for a in ("--set-string" if k.startswith("storage") else "--set", f"{k}={v}")]
+    if tag:
+        values["image.tag"] = tag
+    strings = ("storage.", "image.tag")
+    sets = [a for k, v in values.items() for a in ("--set-string" if k.startswith(strings) else "--set", f"{k}={v}")]
     t0 = time.time()
     try:
         installed = helm(
@@ -593,10 +638,10 @@ def test_helm_install_runs_a_search_with_least_privilege_and_the_dashboards_show
         # the operator Pod authenticates as the chart's ServiceAccount, and with nothing else
         assert pod["spec"]["serviceAccountName"] == "amlfs"
         assert any((v.get("projected") or {}).get("sources") for v in pod["spec"]["volumes"]), "no SA token volume"
-        env = pod_environ(process_kubelet, op_pod)
+        env = pod_environ(cluster, release_ns, op_pod)
         assert "KUBECONFIG" not in env and env["HOME"] == "/tmp"
         assert env["AMLFS_NAMESPACE"] == search_ns and env["AWS_ACCESS_KEY_ID"] == s3_server.access_key
-        assert wait_http(f"http://127.0.0.1:{health_port}/healthz") == 200  # the liveness probe's endpoint
+        wait_healthz(cluster, release_ns, op_pod, health_port)
 
         doc = yaml.safe_load(EXAMPLE.read_text())
         doc["metadata"]["name"] = name
@@ -606,7 +651,7 @@ def test_helm_install_runs_a_search_with_least_privilege_and_the_dashboards_show
         apply(cluster, search_ns, doc)
         # one trainer crashes once: the operator retries it, and the dashboards' failure panels have data
         wait_running(cluster, search_ns, f"{name}-e0-s1", timeout=180)
-        process_kubelet.fail_pod(search_ns, f"{name}-e0-s1", exit_code=1)
+        cluster.crash_trainer(search_ns, f"{name}-e0-s1")
         deadline = time.monotonic() + 600
         st: dict = {}
         while time.monotonic() < deadline:

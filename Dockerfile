@@ -2,6 +2,7 @@
 # The amlfs operator: kopf + the search core. No PyTorch (the trainer image is trainer_image/Dockerfile).
 #   docker build -t amlfs-operator:0.1.0 .
 # Runs as uid 1000 with a read-only root filesystem: nothing is written outside /tmp (an emptyDir in the chart).
+# Every Python package comes at the version pinned in constraints.txt, the versions the test suite runs with.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -9,14 +10,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY constraints.txt pyproject.toml README.md ./
 COPY operator/ operator/
-# Only the `operator` extra; the direct dependencies pinned to the versions the test suite runs with.
+# The venv's own pip and setuptools replaced by the pinned ones first (that pip has --build-constraint, which
+# pins the build backend too); then only the `operator` extra.
 RUN python -m venv /opt/amlfs \
- && /opt/amlfs/bin/pip install "pip==26.3" \
- && /opt/amlfs/bin/pip install ".[operator]" \
-      "kopf==1.45.2" "kubernetes==37.0.1" "boto3==1.44.8" "prometheus-client==0.26.0" \
-      "pydantic==2.14.4" "PyYAML==6.0.4" "rich==15.0.0"
+ && /opt/amlfs/bin/pip install -c constraints.txt pip setuptools \
+ && /opt/amlfs/bin/pip install -c constraints.txt --build-constraint constraints.txt ".[operator]"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="amlfs-operator" \

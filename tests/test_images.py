@@ -1,6 +1,7 @@
 """The shipping artefacts without a cluster: both Dockerfiles (hadolint, invariants, the operator image's exact
-install steps in a fresh venv), .dockerignore, the chart's copies of the CRD and dashboards, and the Grafana
-dashboards (their JSON model and that they only use metrics the code exports)."""
+install steps in a fresh venv), constraints.txt against the Dockerfiles, CI and the tested environment,
+.dockerignore, the chart's copies of the CRD and dashboards, and the Grafana dashboards (their JSON model and that
+they only use metrics the code exports)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+from tests.support import constraints
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "amlfs"
@@ -76,13 +79,65 @@ def base_image(path: Path) -> str:
     return re.sub(r"\$\{(\w+)\}", lambda m: args_of(path)[m.group(1)], frm)
 
 
-def pins(text: str) -> dict[str, str]:
-    """name -> version of every "name==version" requirement in a command line (names normalised)."""
-    return {re.sub(r"[-_.]+", "-", n).lower(): v for n, v in re.findall(r'"([A-Za-z0-9_.\-]+)==([^"]+)"', text)}
+def stage_names(path: Path) -> list[str]:
+    """The name of every stage (`FROM image AS name`), "" for an unnamed one."""
+    return [(arg.split()[2] if len(arg.split()) == 3 else "") for op, arg in instructions(path) if op == "FROM"]
 
 
-def requirement_names(reqs: list[str]) -> set[str]:
-    return {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", r).group(0)).lower() for r in reqs}
+def stage(path: Path, name: str) -> list[tuple[str, str]]:
+    return stages(path)[stage_names(path).index(name)]
+
+
+#: pip options that take a value
+PIP_VALUE_OPTIONS = {"-c", "--constraint", "--build-constraint", "-i", "--index-url", "--extra-index-url", "-r"}
+
+
+def pip_installs(run: str) -> list[tuple[dict[str, str], set[str], list[str]]]:
+    """Every `pip install` of a RUN command line: (options with a value, flags, requirements)."""
+    out = []
+    lexer = shlex.shlex(run, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for tok in lexer:
+        if tok in ("&&", "||", ";", "|", "&"):
+            commands.append([])
+        else:
+            commands[-1].append(tok)
+    for words in commands:
+        for i, w in enumerate(words):
+            if w.endswith("pip") and words[i + 1 : i + 2] == ["install"]:
+                opts: dict[str, str] = {}
+                flags: set[str] = set()
+                reqs: list[str] = []
+                rest = iter(words[i + 2 :])
+                for tok in rest:
+                    if tok in PIP_VALUE_OPTIONS:
+                        opts[tok] = next(rest)
+                    elif tok.startswith("-"):
+                        flags.add(tok)
+                    else:
+                        reqs.append(tok)
+                out.append((opts, flags, reqs))
+                break
+    return out
+
+
+def dockerfile_pip_installs(path: Path) -> list[tuple[str, dict[str, str], set[str], list[str]]]:
+    """(stage name, options, flags, requirements) of every `pip install` in a Dockerfile."""
+    return [
+        (name, *install)
+        for name, instrs in zip(stage_names(path), stages(path), strict=True)
+        for op, arg in instrs
+        if op == "RUN"
+        for install in pip_installs(arg)
+    ]
+
+
+CONSTRAINTS_FILE = REPO / "constraints.txt"
+
+
+def constraint_pins() -> dict[str, str]:
+    return constraints.read(CONSTRAINTS_FILE.read_text())
 
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -140,44 +195,142 @@ def test_operator_dockerfile_invariants() -> None:
     env = env_of(final)
     assert env["HOME"] == "/tmp" and env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert next(a for o, a in final if o == "WORKDIR") == "/tmp"
+    installs = dockerfile_pip_installs(OPERATOR_DOCKERFILE)
+    assert [reqs for _, _, _, reqs in installs] == [["pip", "setuptools"], [".[operator]"]]
     build = "\n".join(a for o, a in stages(OPERATOR_DOCKERFILE)[0] if o == "RUN")
-    assert '".[operator]"' in build and "trainer" not in build and "torch" not in build
-    # every runtime dependency of the operator (core + `operator` extra) is pinned, to an allowed version
-    pinned = pins(build)
-    needed = requirement_names(PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["operator"])
-    assert needed <= set(pinned), needed - set(pinned)
-    _check_pins_satisfy(pinned, PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["operator"])
+    assert "trainer" not in build and "torch" not in build
     # the final stage copies only the venv: no sources, no build tools
     copies = [a for o, a in final if o == "COPY"]
     assert copies == ["--from=build /opt/amlfs /opt/amlfs"]
 
 
 def test_trainer_dockerfile_invariants() -> None:
-    base = base_image(TRAINER_DOCKERFILE)
-    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime", base), base
-    ops = dict(instructions(TRAINER_DOCKERFILE))
-    assert ops["USER"] == "1000:1000"
-    assert json.loads(ops["ENTRYPOINT"]) == ["amlfs-trainer"]
-    env = env_of(instructions(TRAINER_DOCKERFILE))
+    """A CUDA image (the default target: the last stage) and a CPU-only one (`--target cpu`), both from the
+    shared `base` stage, both running `amlfs-trainer` as uid 1000."""
+    assert stage_names(TRAINER_DOCKERFILE) == ["base", "cpu", "cuda"]
+    froms = [arg.split()[0] for op, arg in instructions(TRAINER_DOCKERFILE) if op == "FROM"]
+    assert froms[1:] == ["base", "base"]
+    for name in ("cpu", "cuda"):
+        ops = dict(stage(TRAINER_DOCKERFILE, name))
+        assert ops["USER"] == "1000:1000", name
+        assert json.loads(ops["ENTRYPOINT"]) == ["amlfs-trainer"], name
+        assert ops["WORKDIR"] == "/tmp" and ops["EXPOSE"] == "9400", name
+    env = env_of(stage(TRAINER_DOCKERFILE, "base"))
     assert env["HOME"] == "/tmp" and env["PYTHONDONTWRITEBYTECODE"] == "1"
-    run = "\n".join(a for o, a in instructions(TRAINER_DOCKERFILE) if o == "RUN")
-    assert '".[trainer]"' in run
-    reqs = PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["trainer"]
-    pinned = pins(run)
-    needed = requirement_names(reqs) - {"torch", "torchvision"}  # from the base image
-    assert needed <= set(pinned), needed - set(pinned)
-    _check_pins_satisfy(pinned, reqs)
-    torch_base = re.match(r"pytorch/pytorch:(\d+)\.(\d+)", base)
-    assert (int(torch_base[1]), int(torch_base[2])) >= (2, 3), "the trainer extra needs torch>=2.3"
+    assert env["AMLFS_CACHE_DIR"].startswith("/tmp/")
+    installs = {}
+    for name in ("base", "cpu", "cuda"):
+        installs[name] = [(o, f, r) for n, o, f, r in dockerfile_pip_installs(TRAINER_DOCKERFILE) if n == name]
+    assert [r for _, _, r in installs["base"]] == [["pip", "setuptools"]]
+    assert [r for _, _, r in installs["cuda"]] == [[".[trainer]"]]
+    # cpu: torch and torchvision alone (no dependencies: no CUDA libraries) from the CPU index, then the extra
+    (torch_opts, torch_flags, torch_reqs), (_, _, extra) = installs["cpu"]
+    assert sorted(torch_reqs) == ["torch", "torchvision"] and extra == [".[trainer]"]
+    assert "--no-deps" in torch_flags and torch_opts["--index-url"] == "${TORCH_CPU_INDEX}"
+    cpu_index = args_of(TRAINER_DOCKERFILE)["TORCH_CPU_INDEX"]
+    assert re.fullmatch(r"https://\S+/whl/cpu", cpu_index), cpu_index
 
 
-def _check_pins_satisfy(pinned: dict[str, str], reqs: list[str]) -> None:
-    from packaging.requirements import Requirement
+# --------------------------------------------------------------------------------------------------------------
+# constraints.txt: one set of versions for the tests (tests/run.sh, the kind workflow) and both images
 
-    for r in map(Requirement, reqs):
-        name = re.sub(r"[-_.]+", "-", r.name).lower()
-        if name in pinned:
-            assert r.specifier.contains(pinned[name], prereleases=True), f"{name}=={pinned[name]} violates {r}"
+
+def test_dockerfiles_install_every_package_through_the_constraints_file() -> None:
+    """No hand-written versions in the Dockerfiles: every `pip install` takes its versions from constraints.txt
+    (copied into the build first), requirements are the project's extras or bare names pinned there, the
+    project's build backend is pinned too (--build-constraint), and only torch/torchvision come from another
+    index (the CPU wheels, without their dependencies)."""
+    pinned = constraint_pins()
+    build_backend = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert {constraints.canonical(r.split(">")[0].split("=")[0].split("<")[0]) for r in build_backend} <= set(pinned)
+    for dockerfile in (OPERATOR_DOCKERFILE, TRAINER_DOCKERFILE):
+        copied = [
+            (name, arg.split()[:-1])
+            for name, instrs in zip(stage_names(dockerfile), stages(dockerfile), strict=True)
+            for op, arg in instrs
+            if op == "COPY"
+        ]
+        assert any("constraints.txt" in srcs for _, srcs in copied), f"{dockerfile}: constraints.txt is not copied"
+        installs = dockerfile_pip_installs(dockerfile)
+        assert installs, dockerfile
+        for name, opts, flags, reqs in installs:
+            where = f"{dockerfile.relative_to(REPO)} [{name}]: pip install {opts} {sorted(flags)} {reqs}"
+            assert opts.get("-c") == "constraints.txt", where
+            assert "-r" not in opts and "--extra-index-url" not in opts and "-i" not in opts, where
+            assert not flags & {"-U", "--upgrade", "--pre", "--no-index", "-e", "--editable"}, where
+            for req in reqs:
+                if req.startswith(".["):
+                    assert opts.get("--build-constraint") == "constraints.txt", where
+                    extras = req[2:-1].split(",")
+                    assert set(extras) <= set(PYPROJECT["optional-dependencies"]) - {"dev"}, where
+                else:
+                    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", req), f"{where}: {req} has a version"
+                    assert constraints.canonical(req) in pinned, f"{where}: {req} is not in constraints.txt"
+            if "--index-url" in opts:
+                assert "--no-deps" in flags and sorted(reqs) == ["torch", "torchvision"], where
+
+
+@pytest.mark.parametrize("extra", ["operator", "trainer"])
+def test_constraints_pin_what_the_tests_ran_with(extra: str) -> None:
+    """Every package an image installs for its extra (the extra's whole dependency tree, as installed here) is
+    pinned in constraints.txt to the version this test run imports: the images ship what was tested."""
+    pinned = constraint_pins()
+    shipped = constraints.closure([f"amlfs[{extra}]"])
+    assert shipped, extra
+    missing = sorted(set(shipped) - set(pinned))
+    assert not missing, f"not in constraints.txt (regenerate it, see its header): {missing}"
+    differ = {n: (pinned[n], v) for n, v in shipped.items() if pinned[n] != v}
+    assert not differ, f"constraints.txt pins != installed here (pinned, installed): {differ}"
+
+
+def test_constraints_file_is_complete_and_regenerable() -> None:
+    """constraints.txt lists exactly the packages of `pip install -e ".[dev]"` plus pip and setuptools, every one
+    as `name==version`, with the header that says how to regenerate it; pip is new enough for --build-constraint.
+    """
+    text = CONSTRAINTS_FILE.read_text()
+    pinned = constraints.read(text)  # raises on anything but exact pins
+    assert set(pinned) == set(constraints.read(constraints.render())), "regenerate: python -m tests.support.constraints"
+    assert text.startswith(constraints.HEADER)
+    from packaging.version import Version
+
+    assert Version(pinned["pip"]) >= Version("25.3"), "pip 25.3 brought --build-constraint"
+
+
+def test_ci_installs_with_the_constraints_file() -> None:
+    """CI's installs of the project (tests/run.sh, the GitHub workflows) use the same constraints file."""
+    sources = [REPO / "tests" / "run.sh", *sorted((REPO / ".github" / "workflows").glob("*.y*ml"))]
+    seen = 0
+    for path in sources:
+        for line in path.read_text().replace("\\\n", " ").splitlines():  # continuation lines joined
+            if "pip install" not in line:
+                continue
+            for opts, _flags, reqs in pip_installs(line.split("#")[0]):
+                if any(r.startswith(".") for r in reqs):
+                    assert opts.get("-c") == "constraints.txt", f"{path.relative_to(REPO)}: {line.strip()}"
+                    seen += 1
+    assert seen >= 2, seen
+    assert '.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"' in (REPO / "tests/run.sh").read_text()
+
+
+def test_trainer_image_has_cuda_kernels_for_current_gpus() -> None:
+    """The CUDA image installs torch exactly as this environment did (same pins, the default index), so the
+    torch here is the image's: its CUDA must be >= 12.8 and its kernels must include Blackwell (sm_100/sm_120).
+    The pinned CUDA runtime wheel says the same without importing torch."""
+    pinned = constraint_pins()
+    runtimes = {n: v for n, v in pinned.items() if n.startswith("nvidia-cuda-runtime")}
+    assert runtimes, "no CUDA runtime wheel pinned: torch would be a CPU build"
+    for name, version in runtimes.items():
+        assert tuple(int(x) for x in version.split(".")[:2]) >= (12, 8), (name, version)
+    base = base_image(TRAINER_DOCKERFILE)
+    assert re.fullmatch(rf"python:{sys.version_info.major}\.{sys.version_info.minor}\.\d+-slim(-\w+)?", base), (
+        f"{base}: the image's Python must be the tests' ({sys.version_info.major}.{sys.version_info.minor})"
+    )
+    torch = pytest.importorskip("torch")
+    assert torch.__version__.split("+")[0] == pinned["torch"]
+    assert torch.version.cuda, "this environment has a CPU-only torch; the CUDA image would not"
+    assert tuple(int(x) for x in torch.version.cuda.split(".")[:2]) >= (12, 8), torch.version.cuda
+    arches = set(torch._C._cuda_getArchFlags().split())
+    assert arches & {"sm_100", "sm_120"}, f"no Blackwell kernels: {sorted(arches)}"
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
@@ -222,7 +375,7 @@ def test_dockerignore_keeps_what_the_images_copy_and_drops_the_rest() -> None:
 def test_operator_image_install_steps_work_in_a_fresh_venv(tmp_path: Path) -> None:
     """Replays the build stage of ./Dockerfile: its COPYs into a fresh context, its RUNs with /opt/amlfs moved
     to a temp dir (and the pip cache allowed). The result imports the operator, runs `amlfs-operator --help`,
-    and has no torch."""
+    has no torch, and holds nothing but the operator extra's dependency tree at the constraints.txt versions."""
     build = stages(OPERATOR_DOCKERFILE)[0]
     workdir = next(a for o, a in build if o == "WORKDIR")
     ctx = tmp_path / workdir.strip("/")
@@ -272,8 +425,11 @@ def test_operator_image_install_steps_work_in_a_fresh_venv(tmp_path: Path) -> No
     assert helped.returncode == 0 and "AMLFS_NAMESPACE" in helped.stdout, helped.stderr
     listed = subprocess.run([py, "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True)
     versions = {re.sub(r"[-_.]+", "-", d["name"]).lower(): d["version"] for d in json.loads(listed.stdout)}
-    for name, version in pins("\n".join(a for o, a in build if o == "RUN")).items():
-        assert versions.get(name) == version, (name, versions.get(name), version)
+    # everything in the venv, the venv's own pip and setuptools included, is at its constraints.txt version
+    pinned = constraint_pins()
+    versions.pop("amlfs")
+    assert {n: v for n, v in versions.items() if pinned.get(n) != v} == {}, "not the pinned versions"
+    assert set(constraints.closure(["amlfs[operator]"])) | {"pip", "setuptools"} == set(versions)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -397,7 +553,8 @@ def test_dashboard_model(path: Path) -> None:
 
 def test_dashboards_reference_only_exported_metrics() -> None:
     exported = exported_metrics()
-    # sanity of the scan itself: the names the issue lists are found, with the client library's suffixes
+    # the scan itself works: metrics of each kind (Counter, Histogram, Gauge) and from each package (operator,
+    # trainer) are found under the names Prometheus stores, i.e. with the client library's suffixes
     for name in (
         "amlfs_operator_pods_failed_total",
         "amlfs_operator_reconcile_duration_seconds_bucket",
@@ -417,7 +574,9 @@ def test_dashboards_reference_only_exported_metrics() -> None:
             unknown = names - exported - EXTERNAL_METRICS
             assert not unknown, f"{path.name}: {expr!r} uses metrics the code does not export: {unknown}"
             used |= names
-    # the dashboards cover what the issue asks for
+    # the dashboards show every signal of a search: its progress (epoch, best reward, the rewards of the samples,
+    # mu and the learned loss curves), its failures (failed pods, diverged samples), the live trainers (loss,
+    # throughput, progress) and the operator's own health (reconcile latency, `up`)
     for name in (
         "amlfs_operator_epoch",
         "amlfs_operator_best_reward",

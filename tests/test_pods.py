@@ -85,6 +85,40 @@ def test_trainer_pod_carries_the_cli_contract_and_user_template():
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(SPEC.model_dump())  # credentials never in the spec
 
 
+def test_trainer_pod_uid_is_the_operators_setting_or_left_to_the_platform(monkeypatch):
+    """Default: uid/gid/fsGroup 1000 (the trainer image's USER). AMLFS_POD_RUN_AS_USER="" (OpenShift's
+    restricted-v2 assigns a uid per namespace and rejects any other) drops all three; runAsNonRoot stays."""
+    from amlfs.controller.main import parser
+
+    def security(env: str | None, *argv: str) -> dict:
+        if env is None:
+            monkeypatch.delenv("AMLFS_POD_RUN_AS_USER", raising=False)
+        else:
+            monkeypatch.setenv("AMLFS_POD_RUN_AS_USER", env)
+        uid = parser().parse_args(list(argv)).pod_run_as_user
+        return trainer_pod(SPEC, "s", "ns", START, Settings(run_as_user=uid).pods())["spec"]["securityContext"]
+
+    restricted = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert security(None) == {**restricted, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}
+    assert security("") == security(" ") == restricted
+    assert security(None, "--pod-run-as-user", "") == restricted
+    assert security("", "--pod-run-as-user", "2000") == {
+        **restricted,
+        "runAsUser": 2000,
+        "runAsGroup": 2000,
+        "fsGroup": 2000,
+    }
+    assert trainer_pod(SPEC, "s", "ns", START, PodSettings(run_as_user=None))["spec"]["securityContext"] == restricted
+    for bad in ("0", "root", "-1"):
+        monkeypatch.setenv("AMLFS_POD_RUN_AS_USER", bad)
+        try:
+            parser().parse_args([])
+        except SystemExit as exc:
+            assert exc.code == 2, bad
+        else:
+            raise AssertionError(f"AMLFS_POD_RUN_AS_USER={bad} accepted")
+
+
 def test_merge_template_merges_named_lists():
     base = {
         "metadata": {"name": "p", "namespace": "n", "labels": {"amlfs.io/search": "s"}},

@@ -8,9 +8,17 @@
   built by tests/cluster/build.sh (slow the first time on a machine).
 * ``external``: the cluster in ``$KUBECONFIG`` (e.g. kind, see
   tests/e2e/kind-up.sh); nothing is started, and pods run in real
-  containers from ``$AMLFS_TEST_IMAGE`` (default ``amlfs-trainer:dev``).
+  containers from ``$AMLFS_TEST_IMAGE`` (default ``amlfs-trainer:dev``),
+  the operator's from ``$AMLFS_TEST_OPERATOR_IMAGE`` (default
+  ``amlfs-operator:dev``).
 
-Prometheus and the Pushgateway (services.py) always run locally.
+S3 (``s3_server``), the Pushgateway and Prometheus (``monitoring``) follow
+the same choice: local processes (tests/support/s3.py, services.py) next to
+the local control plane, whose pods share this host's network; on an
+external cluster the services of tests/e2e/manifests running inside it
+(incluster.py), which pods reach by Service name and this process through
+their NodePorts. Each object tells both addresses apart (``endpoint`` /
+``pod_endpoint``, ``url`` / ``pod_url``).
 """
 
 from __future__ import annotations
@@ -27,7 +35,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.s3 import S3Server, start_s3
+
 from .controlplane import ControlPlane, ensure_binaries
+from .incluster import ClusterMonitoring, cluster_mode, cluster_s3
 from .kubelet import ProcessKubelet
 from .services import Monitoring
 
@@ -101,6 +112,17 @@ class Cluster:
             time.sleep(0.2)
         raise TimeoutError(f"pod {namespace}/{name} not in {phases} after {timeout}s: {last}")
 
+    def crash_trainer(self, namespace: str, name: str) -> None:
+        """Make a running trainer pod fail, as a crash would: the process kubelet kills its container with exit
+        code 1; in a real container the trainer (PID 1, which nothing inside its PID namespace can SIGKILL)
+        gets SIGINT, for which Python has a handler: KeyboardInterrupt, exit code 130."""
+        if self.kubelet is not None:
+            self.kubelet.fail_pod(namespace, name, exit_code=1)
+            return
+        self.kubectl(
+            "exec", "-n", namespace, name, "--", "python", "-c", "import os, signal; os.kill(1, signal.SIGINT)"
+        )
+
     def wait_gone(self, namespace: str, name: str, kind: str = "pod", timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -121,7 +143,7 @@ def _image_commands() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory) -> Cluster:
-    mode = os.environ.get("AMLFS_TEST_CLUSTER", "local")
+    mode = cluster_mode()
     image = os.environ.get("AMLFS_TEST_IMAGE", "amlfs-trainer:dev")
     if mode == "external":
         kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
@@ -131,8 +153,6 @@ def cluster(tmp_path_factory) -> Cluster:
             kubectl, helm = kubectl or str(bindir / "kubectl"), helm or str(bindir / "helm")
         yield Cluster("external", Path(kubeconfig.split(os.pathsep)[0]), kubectl, helm, image)
         return
-    if mode != "local":
-        raise pytest.UsageError(f"AMLFS_TEST_CLUSTER must be 'local' or 'external', not {mode!r}")
     base = tmp_path_factory.mktemp("cluster")
     cp = ControlPlane(workdir=base / "controlplane")
     cp.start()
@@ -190,9 +210,27 @@ def process_kubelet(cluster: Cluster) -> ProcessKubelet:
 
 
 @pytest.fixture(scope="session")
-def monitoring(tmp_path_factory) -> Monitoring:
-    m = Monitoring(workdir=tmp_path_factory.mktemp("monitoring")).start()
+def monitoring(tmp_path_factory) -> Monitoring | ClusterMonitoring:
+    """The Pushgateway and Prometheus: local processes, or those inside the external cluster."""
+    workdir = tmp_path_factory.mktemp("monitoring")
+    m = ClusterMonitoring(workdir) if cluster_mode() == "external" else Monitoring(workdir=workdir)
+    m.start()
     try:
         yield m
     finally:
         m.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """S3 for the cluster tests (overrides tests/conftest.py's): a local SeaweedFS, or the one inside the
+    external cluster (``endpoint`` for this process, ``pod_endpoint`` for pods)."""
+    workdir = tmp_path_factory.mktemp("s3")
+    if cluster_mode() == "external":
+        yield cluster_s3(workdir)
+        return
+    server = start_s3(workdir)
+    try:
+        yield server
+    finally:
+        server.stop()

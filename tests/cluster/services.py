@@ -128,6 +128,11 @@ class Pushgateway(_Service):
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pod_url(self) -> str:
+        """The URL pods push to: the same one here (the process kubelet's pods share this host's network)."""
+        return self.url
+
     def start(self) -> Pushgateway:
         binary = _which(PUSHGATEWAY_BIN, "prometheus-pushgateway")
         self.port = self.port or free_port()

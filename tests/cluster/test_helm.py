@@ -1,12 +1,15 @@
 """The Helm chart (helm/amlfs) against the real control plane: lint, schema, server-side dry-run, least-privilege
 RBAC (`kubectl auth can-i` as the chart's ServiceAccount), and an end-to-end search driven by the operator the
-chart deploys — a Pod of the process kubelet that authenticates with its ServiceAccount token only — with every
-PromQL expression of the Grafana dashboards run against the real Prometheus afterwards."""
+chart deploys — a Pod (of the process kubelet, or the operator image in a container on kind) that authenticates
+with its ServiceAccount token only — with every PromQL expression of the Grafana dashboards run against the real
+Prometheus afterwards."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -21,6 +24,7 @@ import yaml
 from tests.support.s3 import free_port
 
 from .controlplane import ensure_binaries
+from .incluster import cluster_mode
 from .test_operator import EXAMPLE, apply, search_pods, setup_namespace
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +35,10 @@ RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
 
 @pytest.fixture(scope="module")
 def helm_bin() -> str:
-    """helm without starting a cluster (lint/template need none)."""
+    """helm without starting a cluster (lint/template need none): the build of tests/cluster/go/helm, or on an
+    external cluster the helm on PATH when there is one (the kind workflow installs the same version)."""
+    if cluster_mode() == "external" and shutil.which("helm"):
+        return shutil.which("helm")
     return str(ensure_binaries() / "helm")
 
 
@@ -92,6 +99,7 @@ def test_helm_lint_strict(helm_bin, sets) -> None:
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("metrics.serviceMonitor.interval=often", "/metrics/serviceMonitor/interval"),
         ("replicas=2", "additional properties 'replicas' not allowed"),
+        ("runAsUser=0", "/runAsUser"),
     ],
 )
 def test_values_schema_rejects_bad_values(helm_bin, value, message) -> None:
@@ -161,9 +169,13 @@ def test_deployment_shape(helm_bin) -> None:
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == docs["ServiceAccount"][0]["metadata"]["name"]
-    assert (
-        pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    )
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     (c,) = pod["containers"]
     assert c["image"] == "amlfs-operator:0.1.0" and "command" not in c  # the image's ENTRYPOINT
     sc = c["securityContext"]
@@ -178,11 +190,45 @@ def test_deployment_shape(helm_bin) -> None:
     assert env["AMLFS_POD_S3_ENDPOINT"] == env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
     assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3creds", "key": "AWS_ACCESS_KEY_ID"}}
     assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3creds", "key": "AWS_SECRET_ACCESS_KEY"}}
-    assert env["HOME"] == "/tmp"
+    assert env["HOME"] == "/tmp" and env["AMLFS_POD_RUN_AS_USER"] == "1000"
     assert [m["mountPath"] for m in c["volumeMounts"]] == ["/tmp"]
     # cluster-wide: no AMLFS_NAMESPACE
     cw = by_kind(render(helm_bin, show=["templates/deployment.yaml"]))["Deployment"][0]
     assert "AMLFS_NAMESPACE" not in {e["name"] for e in cw["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_run_as_user_null_leaves_the_uid_to_the_platform(helm_bin, monkeypatch) -> None:
+    """`runAsUser=null` (OpenShift's restricted-v2 assigns the uid): neither the operator pod nor, through
+    AMLFS_POD_RUN_AS_USER, the trainer pods set runAsUser/runAsGroup/fsGroup; both keep runAsNonRoot."""
+    from amlfs.controller.main import parser
+    from amlfs.controller.pods import trainer_pod
+    from amlfs.controller.reconcile import Settings
+    from amlfs.core import StartSample
+    from amlfs.spec import LossSearchSpec
+
+    def rendered(*sets: str) -> tuple[dict, str]:
+        (dep,) = render(helm_bin, *sets, show=["templates/deployment.yaml"])
+        pod = dep["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        return pod["securityContext"], env["AMLFS_POD_RUN_AS_USER"]
+
+    def trainer_security(env_value: str) -> dict:
+        monkeypatch.setenv("AMLFS_POD_RUN_AS_USER", env_value)
+        settings = Settings(run_as_user=parser().parse_args([]).pod_run_as_user)
+        spec = LossSearchSpec.model_validate(yaml.safe_load(EXAMPLE.read_text())["spec"])
+        start = StartSample(0, 0, 0, [0.0], {}, None, "s3://b/x")
+        return trainer_pod(spec, "s", "ns", start, settings.pods())["spec"]["securityContext"]
+
+    restricted = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    ctx, env_value = rendered("runAsUser=null")
+    assert ctx == restricted and env_value == ""
+    assert trainer_security(env_value) == restricted
+    ctx, env_value = rendered("runAsUser=4242")
+    assert ctx == {**restricted, "runAsUser": 4242, "runAsGroup": 4242, "fsGroup": 4242} and env_value == "4242"
+    assert trainer_security(env_value) == ctx
+    # keys set in podSecurityContext win over the ids from runAsUser
+    ctx, _ = rendered("podSecurityContext.fsGroup=2000")
+    assert ctx["fsGroup"] == 2000 and ctx["runAsUser"] == 1000
 
 
 def test_monitors_select_what_the_operator_creates(helm_bin) -> None:
@@ -278,6 +324,8 @@ def test_rendered_chart_is_accepted_by_the_api_server(cluster, namespace) -> Non
             "configmap/amlfs-dashboards",
         ):
             assert obj in out and "(server dry run)" in out, out
+        out = _template_to_server(cluster, namespace, "runAsUser=null")  # the uid left to the platform
+        assert "deployment.apps/amlfs" in out and "(server dry run)" in out, out
         out = _template_to_server(cluster, namespace, f"watchNamespace={watched}")
         assert "role.rbac.authorization.k8s.io/amlfs" in out and "rolebinding.rbac.authorization.k8s.io/amlfs" in out
         # the dry run is real: a broken manifest is refused by the server
@@ -295,6 +343,25 @@ def test_rendered_chart_is_accepted_by_the_api_server(cluster, namespace) -> Non
         assert proc.returncode != 0 and "Sometimes" in proc.stderr
     finally:
         cluster.kubectl("delete", "namespace", watched, "--wait=false", check=False)
+
+
+def test_trainer_pods_without_a_uid_pass_the_restricted_pod_security_standard(cluster, namespace) -> None:
+    """A trainer pod as the operator creates it with AMLFS_POD_RUN_AS_USER="" (no runAsUser/runAsGroup/fsGroup) is
+    admitted in a namespace that enforces the restricted Pod Security Standard; without runAsNonRoot it is not."""
+    from amlfs.controller.pods import PodSettings, trainer_pod
+    from amlfs.core import StartSample
+    from amlfs.spec import LossSearchSpec
+
+    cluster.kubectl("label", "namespace", namespace, RESTRICTED)
+    spec = LossSearchSpec.model_validate(yaml.safe_load(EXAMPLE.read_text())["spec"])
+    start = StartSample(0, 0, 0, [0.0], {}, None, "s3://b/x")
+    pod = trainer_pod(spec, "s", namespace, start, PodSettings(run_as_user=None))
+    assert "runAsUser" not in pod["spec"]["securityContext"] and "fsGroup" not in pod["spec"]["securityContext"]
+    out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(pod)).stdout
+    assert f"pod/{pod['metadata']['name']}" in out and "(server dry run)" in out, out
+    pod["spec"]["securityContext"]["runAsNonRoot"] = False
+    proc = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(pod), check=False)
+    assert proc.returncode != 0 and "runAsNonRoot" in proc.stderr, proc.stderr
 
 
 def can_i(cluster, sa: str, verb: str, resource: str, namespace: str | None = None, *extra: str) -> bool:
@@ -461,9 +528,13 @@ def wait_running(cluster, namespace: str, pod: str, timeout: float) -> None:
     raise AssertionError(f"pod {namespace}/{pod} not Running after {timeout}s: {phase}")
 
 
-def pod_environ(kubelet, pod: str) -> dict[str, str]:
-    """The live process environment of a pod's container (the process kubelet runs it on this host)."""
-    for pid in kubelet.pids():
+def pod_environ(cluster, namespace: str, pod: str) -> dict[str, str]:
+    """The live process environment of a pod's (only) container: read from /proc on this host for the process
+    kubelet's pods, from the container's PID 1 (its entrypoint) on a real cluster."""
+    if cluster.kubelet is None:
+        raw = cluster.kubectl("exec", "-n", namespace, pod, "--", "cat", "/proc/1/environ").stdout
+        return dict(x.split("=", 1) for x in raw.split("\0") if "=" in x)
+    for pid in cluster.kubelet.pids():
         try:
             raw = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
@@ -474,34 +545,65 @@ def pod_environ(kubelet, pod: str) -> dict[str, str]:
     raise AssertionError(f"no running process of pod {pod}")
 
 
+def wait_healthz(cluster, namespace: str, pod: str, port: int, timeout: float = 120) -> None:
+    """The liveness probe's endpoint answers 200: on this host for the process kubelet's pods (which share its
+    network), through the API server's pod proxy on a real cluster."""
+    if cluster.kubelet is not None:
+        assert wait_http(f"http://127.0.0.1:{port}/healthz", timeout) == 200
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy/healthz"
+        proc = cluster.kubectl("get", "--raw", path, check=False)
+        if proc.returncode == 0:
+            return
+        assert time.monotonic() < deadline, proc.stderr
+        time.sleep(1)
+
+
 @pytest.fixture
-def operator_image(process_kubelet) -> str:
-    """The operator image's entrypoint on the process kubelet: the local `amlfs-operator` console script."""
-    process_kubelet.image_commands.setdefault("amlfs-operator", ["amlfs-operator"])
-    return "amlfs-operator"
+def operator_image(cluster) -> tuple[str, str]:
+    """(image.repository, image.tag) of the operator: on a real cluster the image built from ./Dockerfile and
+    loaded into it ($AMLFS_TEST_OPERATOR_IMAGE, default amlfs-operator:dev); on the process kubelet the local
+    `amlfs-operator` console script is the image's entrypoint (tag: the chart's default)."""
+    if cluster.kubelet is not None:
+        cluster.kubelet.image_commands.setdefault("amlfs-operator", ["amlfs-operator"])
+        return "amlfs-operator", ""
+    image = os.environ.get("AMLFS_TEST_OPERATOR_IMAGE", "amlfs-operator:dev")
+    repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
+    return repository, tag
 
 
 def test_helm_install_runs_a_search_with_least_privilege_and_the_dashboards_show_it(
-    cluster, namespace, operator_image, process_kubelet, monitoring, s3_server, tmp_path
+    cluster, namespace, operator_image, monitoring, s3_server, tmp_path
 ):
+    """Locally the operator Pod is a process of the process kubelet and Prometheus scrapes the ports registered
+    here; on a real cluster (kind) it is the operator image in a container, and the in-cluster Prometheus finds
+    the operator and trainer pods itself. Either way the chart gets the in-cluster addresses of S3 and the
+    Pushgateway (``pod_endpoint``/``pod_url``), since the operator runs in a Pod."""
     release_ns, search_ns, name = namespace, f"s-{uuid.uuid4().hex[:8]}", "helm-digits"
+    local = cluster.kubelet is not None
     cluster.kubectl("label", "namespace", release_ns, RESTRICTED)
     cluster.kubectl("create", "namespace", search_ns)
     cluster.kubectl("label", "namespace", search_ns, RESTRICTED)
     setup_namespace(cluster, release_ns, s3_server)  # the operator's own S3 credentials (secretKeyRef)
     setup_namespace(cluster, search_ns, s3_server)  # the trainer pods' (spec.storage.secretName)
-    metrics_port, health_port, trainer_port = free_port(), free_port(), free_port()
+    # the process kubelet's pods share this host's network: free ports; in containers the chart's defaults
+    metrics_port, health_port, trainer_port = (free_port(), free_port(), free_port()) if local else (8080, 8081, 9400)
     prom = monitoring.prometheus
-    targets = [
-        prom.add_target(f"127.0.0.1:{metrics_port}", labels={"job": "amlfs-operator"}),
-        prom.add_target(f"127.0.0.1:{trainer_port}", labels={"job": "amlfs-trainers", "namespace": search_ns}),
-    ]
+    targets = []
+    if local:
+        targets = [
+            prom.add_target(f"127.0.0.1:{metrics_port}", labels={"job": "amlfs-operator"}),
+            prom.add_target(f"127.0.0.1:{trainer_port}", labels={"job": "amlfs-trainers", "namespace": search_ns}),
+        ]
+    repository, tag = operator_image
     values = {
-        "image.repository": operator_image,
+        "image.repository": repository,
         "watchNamespace": search_ns,
-        "pushgateway.url": monitoring.pushgateway.url,
+        "pushgateway.url": monitoring.pushgateway.pod_url,
         "storage.defaultUri": f"s3://{s3_server.bucket}/helm",
-        "storage.endpoint": s3_server.endpoint,
+        "storage.endpoint": s3_server.pod_endpoint,
         "storage.region": "us-east-1",
         "storage.existingSecret": "amlfs-s3",
         "operator.metricsPort": str(metrics_port),
@@ -510,7 +612,10 @@ def test_helm_install_runs_a_search_with_least_privilege_and_the_dashboards_show
         "operator.rewardTimeout": "20",
         "operator.logFormat": "plain",
     }
-    sets = [a for k, v in values.items() for a in ("--set-string" if k.startswith("storage") else "--set", f"{k}={v}")]
+    if tag:
+        values["image.tag"] = tag
+    strings = ("storage.", "image.tag")
+    sets = [a for k, v in values.items() for a in ("--set-string" if k.startswith(strings) else "--set", f"{k}={v}")]
     t0 = time.time()
     try:
         installed = helm(
@@ -533,10 +638,10 @@ def test_helm_install_runs_a_search_with_least_privilege_and_the_dashboards_show
         # the operator Pod authenticates as the chart's ServiceAccount, and with nothing else
         assert pod["spec"]["serviceAccountName"] == "amlfs"
         assert any((v.get("projected") or {}).get("sources") for v in pod["spec"]["volumes"]), "no SA token volume"
-        env = pod_environ(process_kubelet, op_pod)
+        env = pod_environ(cluster, release_ns, op_pod)
         assert "KUBECONFIG" not in env and env["HOME"] == "/tmp"
         assert env["AMLFS_NAMESPACE"] == search_ns and env["AWS_ACCESS_KEY_ID"] == s3_server.access_key
-        assert wait_http(f"http://127.0.0.1:{health_port}/healthz") == 200  # the liveness probe's endpoint
+        wait_healthz(cluster, release_ns, op_pod, health_port)
 
         doc = yaml.safe_load(EXAMPLE.read_text())
         doc["metadata"]["name"] = name
@@ -546,7 +651,7 @@ def test_helm_install_runs_a_search_with_least_privilege_and_the_dashboards_show
         apply(cluster, search_ns, doc)
         # one trainer crashes once: the operator retries it, and the dashboards' failure panels have data
         wait_running(cluster, search_ns, f"{name}-e0-s1", timeout=180)
-        process_kubelet.fail_pod(search_ns, f"{name}-e0-s1", exit_code=1)
+        cluster.crash_trainer(search_ns, f"{name}-e0-s1")
         deadline = time.monotonic() + 600
         st: dict = {}
         while time.monotonic() < deadline:

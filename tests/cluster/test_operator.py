@@ -1,5 +1,6 @@
-"""The kopf operator end to end on the real control plane: real trainer processes (process kubelet), real S3
-(SeaweedFS), real Pushgateway and Prometheus. No mocks."""
+"""The kopf operator end to end on the real control plane: real trainer processes (process kubelet, or containers
+of the CPU trainer image on an external cluster), real S3 (SeaweedFS), real Pushgateway and Prometheus. No mocks.
+The operator runs here as a process, with the cluster's admin kubeconfig."""
 
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ class Operator:
             "--namespace",
             namespace,
             "--pushgateway",
-            monitoring.pushgateway.url,
+            monitoring.pushgateway.url,  # where this process reads rewards
+            "--pod-pushgateway",
+            monitoring.pushgateway.pod_url,  # where the trainer pods push them
             "--interval",
             "2",
             "--reward-timeout",
@@ -124,7 +127,7 @@ def manifest(s3, name: str = "digits-k8s", **search) -> dict:
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["metadata"]["name"] = name
     doc["spec"]["storage"]["uri"] = f"s3://{s3.bucket}/searches"
-    doc["spec"]["storage"]["endpoint"] = s3.endpoint
+    doc["spec"]["storage"]["endpoint"] = s3.pod_endpoint  # the trainer pods' view; the operator's: AWS_* env
     doc["spec"]["search"].update(search)
     return doc
 
@@ -277,16 +280,14 @@ def test_operator_killed_at_random_points_reaches_the_same_result(
     assert search_pods(cluster, namespace, name) == []
 
 
-def test_failed_sample_is_retried_config_error_is_not(
-    cluster, crd, monitoring, s3_server, namespace, tmp_path, process_kubelet
-):
+def test_failed_sample_is_retried_config_error_is_not(cluster, crd, monitoring, s3_server, namespace, tmp_path):
     setup_namespace(cluster, namespace, s3_server)
     op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
     try:
         doc = manifest(s3_server, name="retry", epochs=1, samplesPerEpoch=2)
         apply(cluster, namespace, doc)
         wait_pod_exists(cluster, namespace, "retry-e0-s1", ("Running",))
-        process_kubelet.fail_pod(namespace, "retry-e0-s1", exit_code=1)
+        cluster.crash_trainer(namespace, "retry-e0-s1")
         obj = wait_phase(cluster, namespace, "retry", op=op)
         assert obj["status"]["phase"] == "Succeeded", op.log()
         h = history(s3_server, namespace, "retry")

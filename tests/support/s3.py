@@ -48,6 +48,9 @@ class S3Server:
     access_key: str = ACCESS_KEY
     secret_key: str = SECRET_KEY
     bucket: str = BUCKET
+    #: the endpoint as a cluster's pods reach the server, where that differs from ``endpoint`` (an S3 inside the
+    #: cluster, reached from here through a published port); ``start`` makes it ``endpoint``
+    pod_endpoint: str = ""
     proc: subprocess.Popen | None = None
     log: Path = field(default_factory=lambda: Path(os.devnull))
 
@@ -117,25 +120,35 @@ class S3Server:
         ]
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        self.endpoint = f"http://127.0.0.1:{ports['s3']}"
+        self.endpoint = self.pod_endpoint = f"http://127.0.0.1:{ports['s3']}"
+        try:
+            return self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout: float = 60.0) -> S3Server:
+        """Wait until the server at ``endpoint`` answers with these credentials and the bucket exists (it is
+        created when missing). Alone, for a server that runs elsewhere (``proc`` None)."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"weed exited with {self.proc.returncode}; log: {self.log}")
             try:
                 c = self.client()
-                c.create_bucket(Bucket=self.bucket)
+                try:
+                    c.create_bucket(Bucket=self.bucket)
+                except Exception as exc:  # there from an earlier run (a server that outlives the tests)
+                    if "BucketAlreadyExists" not in str(exc) and "BucketAlreadyOwnedByYou" not in str(exc):
+                        raise
                 c.put_object(Bucket=self.bucket, Key=".ready", Body=b"ok")
                 c.delete_object(Bucket=self.bucket, Key=".ready")
                 return self
             except Exception as exc:  # not up yet: connection refused, 503 while volumes grow
-                if "BucketAlreadyExists" in str(exc) or "BucketAlreadyOwnedByYou" in str(exc):
-                    continue
                 last = exc
                 time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"S3 server not ready after {timeout}s: {last}; log: {self.log}")
+        raise RuntimeError(f"S3 server at {self.endpoint} not ready after {timeout}s: {last}; log: {self.log}")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

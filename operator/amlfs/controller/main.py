@@ -6,6 +6,8 @@ Settings come from flags or environment variables, so a Deployment sets them as 
   AMLFS_POD_PUSHGATEWAY     Pushgateway URL the trainer pods push to (default: AMLFS_PUSHGATEWAY)
   AMLFS_DEFAULT_STORAGE     s3://bucket/prefix for searches whose spec names no storage
   AMLFS_POD_S3_ENDPOINT     S3 endpoint given to pods when the spec names none
+  AMLFS_POD_RUN_AS_USER     uid, gid and fsGroup of the trainer pods (default 1000); empty: leave them unset for
+                            the platform to assign (OpenShift's restricted-v2); runAsNonRoot is set either way
   AMLFS_REWARD_TIMEOUT      seconds before falling back to result.json (default 30)
   AMLFS_INTERVAL            seconds between passes when nothing happens (default 5)
   AMLFS_METRICS_PORT        /metrics port (default 8080); /healthz on AMLFS_HEALTH_PORT (default 8081)
@@ -27,6 +29,19 @@ from amlfs.controller import handlers
 from amlfs.controller.reconcile import Settings
 
 
+def _uid(text: str) -> int | None:
+    """A uid >= 1, or None for an empty value (the platform assigns one)."""
+    if not text.strip():
+        return None
+    try:
+        uid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a uid: {text!r}") from None
+    if uid < 1:
+        raise argparse.ArgumentTypeError(f"uid {uid}: trainer pods run as non-root")
+    return uid
+
+
 def parser() -> argparse.ArgumentParser:
     e = os.environ.get
     p = argparse.ArgumentParser(
@@ -37,6 +52,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pod-pushgateway", default=e("AMLFS_POD_PUSHGATEWAY", ""))
     p.add_argument("--default-storage", default=e("AMLFS_DEFAULT_STORAGE", ""))
     p.add_argument("--pod-s3-endpoint", default=e("AMLFS_POD_S3_ENDPOINT", ""))
+    p.add_argument(
+        "--pod-run-as-user",
+        type=_uid,
+        default=e("AMLFS_POD_RUN_AS_USER", "1000"),  # a string default goes through type= as well
+        metavar="UID",
+        help="uid/gid/fsGroup of trainer pods; '' leaves them to the platform (default 1000)",
+    )
     p.add_argument("--reward-timeout", type=float, default=float(e("AMLFS_REWARD_TIMEOUT", "30")))
     p.add_argument("--interval", type=float, default=float(e("AMLFS_INTERVAL", "5")))
     p.add_argument("--metrics-port", type=int, default=int(e("AMLFS_METRICS_PORT", "8080")))
@@ -60,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             pod_pushgateway=args.pod_pushgateway,
             default_storage=args.default_storage,
             pod_s3_endpoint=args.pod_s3_endpoint,
+            run_as_user=args.pod_run_as_user,
             reward_timeout=args.reward_timeout,
             interval=args.interval,
         )

@@ -29,7 +29,9 @@ class PodSettings:
 
     pushgateway: str = ""  # URL the trainers push their result to
     s3_endpoint: str = ""  # default S3 endpoint when the spec names none
-    run_as_user: int = 1000
+    #: uid, gid and fsGroup of the trainer pods; None leaves them to the platform (OpenShift assigns them per
+    #: namespace under its restricted-v2 SCC). runAsNonRoot is set either way.
+    run_as_user: int | None = 1000
 
 
 def pod_name(search: str, epoch: int, sample: int, attempt: int = 0, restarts: int = 0) -> str:
@@ -92,6 +94,14 @@ def trainer_env(
     return env
 
 
+def pod_security_context(uid: int | None) -> dict[str, Any]:
+    """Restricted-profile pod security: non-root, RuntimeDefault seccomp, and the given uid as user, group and
+    fsGroup, or none of the three when the platform assigns them (the image's numeric USER satisfies
+    runAsNonRoot where it does not)."""
+    ids = {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid} if uid is not None else {}
+    return {"runAsNonRoot": True, **ids, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
 def trainer_pod(
     spec: LossSearchSpec, search: str, namespace: str, a: StartSample, settings: PodSettings
 ) -> dict[str, Any]:
@@ -116,13 +126,7 @@ def trainer_pod(
             "activeDeadlineSeconds": spec.trainer.active_deadline_seconds,
             "terminationGracePeriodSeconds": 30,
             "automountServiceAccountToken": False,
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": settings.run_as_user,
-                "runAsGroup": settings.run_as_user,
-                "fsGroup": settings.run_as_user,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
+            "securityContext": pod_security_context(settings.run_as_user),
             "containers": [
                 {
                     "name": "trainer",

@@ -45,7 +45,7 @@ class Settings:
     pod_s3_endpoint: str = ""  # S3 endpoint for pods when the spec names none
     reward_timeout: float = 30.0  # seconds after a pod succeeded before falling back to result.json
     interval: float = 5.0  # seconds between passes when nothing wakes the search
-    run_as_user: int = 1000
+    run_as_user: int | None = 1000  # uid/gid/fsGroup of trainer pods; None: the platform assigns them
 
     def pods(self) -> PodSettings:
         return PodSettings(

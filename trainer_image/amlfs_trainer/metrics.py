@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway, start_http_server
 
-from amlfs.core import PUSH_JOB
+from amlfs.contract import PUSH_JOB, STATUS_OK, grouping_key
 
 log = logging.getLogger(__name__)
 LABELS = ("search", "epoch", "sample")
@@ -44,10 +44,6 @@ class TrainerMetrics:
             self.server.shutdown()
 
 
-def grouping_key(namespace: str, search: str, epoch: int, sample: int) -> dict[str, str]:
-    return {"namespace": namespace, "search": search, "epoch": str(epoch), "sample": str(sample)}
-
-
 def push_result(gateway: str, namespace: str, search: str, epoch: int, sample: int, result: dict[str, Any]) -> None:
     """Push the sample's outcome. The reward gauge is absent when the sample produced no reward."""
     r = CollectorRegistry()
@@ -67,7 +63,7 @@ def push_result(gateway: str, namespace: str, search: str, epoch: int, sample: i
             "amlfs_sample_checkpoint_info", "The sample's checkpoint digest (value 1).", ["sha256"], registry=r
         ).labels(sha256=result["sha256"]).set(1)
     Gauge("amlfs_sample_diverged", "1 when the loss or gradient became non-finite.", registry=r).set(
-        0 if result.get("status") == "ok" else 1
+        0 if result.get("status") == STATUS_OK else 1
     )
     Gauge("amlfs_sample_duration_seconds", "Wall time of the trainer run.", registry=r).set(
         result.get("timings", {}).get("total", 0.0)

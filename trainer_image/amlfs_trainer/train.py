@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from amlfs import storage
-from amlfs.core import CHECKPOINT, RESULT
+from amlfs.contract import CHECKPOINT, RESULT
 from amlfs.spec import LossSearchSpec, OptimizerSpec
 from amlfs_trainer.data import TaskData, load_task
 from amlfs_trainer.losses import build_loss

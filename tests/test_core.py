@@ -220,7 +220,8 @@ def test_selection_only_uses_the_init_loss_for_every_sample_and_never_moves_mu()
     status, actions, _started = run_search(spec, lambda th, e, s: float(s))
     starts = [a for a in actions if isinstance(a, core.StartSample)]
     assert all(
-        a.program == {"kind": "preset", "name": "softmax", "margin": 0.35, "gamma": 2.0, "labelSmoothing": 0.0}
+        core.program_for(spec, a.theta)
+        == {"kind": "preset", "name": "softmax", "margin": 0.35, "gamma": 2.0, "labelSmoothing": 0.0}
         for a in starts
     )
     assert status.mu == [0.0] * len(status.mu)

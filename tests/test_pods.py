@@ -43,7 +43,6 @@ START = core.StartSample(
     sample=0,
     attempt=1,
     theta=[0.0] * 13,
-    program={},
     output="s3://bkt/p/ns/s/e",
     start=Checkpoint(uri="s3://bkt/p/ns/s/epoch-0000/sample-01/checkpoint.pt", sha256="ab" * 32),
 )

@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from amlfs import storage
+from amlfs.contract import EXIT_CONFIG
 from amlfs.spec import SpecError, load_manifest
 
-EXIT_CONFIG = 2
 DEFAULT_EXAMPLE = "digits-quick"
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from amlfs import reinforce
+from amlfs.contract import CHECKPOINT
 from amlfs.spaces import SpaceConfig, get_space, preset_program
 from amlfs.spec import LossSearchSpec
 from amlfs.status import (
@@ -33,9 +34,6 @@ from amlfs.status import (
     SampleStatus,
 )
 
-CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
-PUSH_JOB = "amlfs-trainer"  # Pushgateway job of the trainers' results (grouped by namespace, search, epoch, sample)
 MAX_UNCOUNTED_RESTARTS = 50
 
 Outcome = Literal["running", "succeeded", "no-reward", "failed", "config-error", "preempted", "absent"]
@@ -65,8 +63,7 @@ class StartSample:
     epoch: int
     sample: int
     attempt: int
-    theta: list[float]
-    program: dict[str, Any]
+    theta: list[float]  # the trainer derives the loss program from it (program_for)
     start: Checkpoint | None
     output: str  # prefix URI: the trainer writes checkpoint.pt and result.json below it
     restarts: int = 0  # uncounted restarts so far (a shell names the new pod/process after it)
@@ -226,7 +223,6 @@ def _start_pending(s: _Step) -> None:
                     sample=x.index,
                     attempt=x.attempt,
                     theta=list(x.theta),
-                    program=program_for(s.spec, x.theta),
                     start=s.st.start,
                     output=s.layout.sample_dir(s.st.epoch, x.index),
                     restarts=x.restarts,

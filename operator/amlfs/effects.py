@@ -4,6 +4,7 @@ sample's result.json into an observation, and applying the storage actions. All 
 from __future__ import annotations
 
 from amlfs import core, storage
+from amlfs.contract import CHECKPOINT, RESULT, STATUS_OK
 
 
 def read_result(
@@ -11,14 +12,14 @@ def read_result(
 ) -> core.Observation | None:
     """The sample's result.json as an observation; None when it is missing, unreadable or half-visible, or
     (given theta) left over from another search in the same place."""
-    uri = f"{core.Layout(root).sample_dir(epoch, sample)}/{core.RESULT}"
+    uri = f"{core.Layout(root).sample_dir(epoch, sample)}/{RESULT}"
     try:
         r = storage.read_json(uri)
     except (storage.StorageError, ValueError):
         return None
     if theta is not None and r.get("theta") != theta:
         return None
-    outcome: core.Outcome = "succeeded" if r.get("status") == "ok" else "no-reward"
+    outcome: core.Outcome = "succeeded" if r.get("status") == STATUS_OK else "no-reward"
     return core.Observation(
         epoch,
         sample,
@@ -34,7 +35,7 @@ def apply_storage(action: core.Action) -> None:
     """Carry out a Promote (copies, server-side on S3), AppendHistory or WriteJson; other actions are no-ops."""
     if isinstance(action, core.Promote):
         for target in action.targets:
-            for name in (core.CHECKPOINT, core.RESULT):
+            for name in (CHECKPOINT, RESULT):
                 storage.copy(f"{action.source}/{name}", f"{target}/{name}")
     elif isinstance(action, core.AppendHistory):
         storage.append_jsonl(action.uri, action.record)

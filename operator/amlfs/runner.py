@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from amlfs import core, effects, storage
+from amlfs import contract, core, effects, storage
+from amlfs.contract import EXIT_CONFIG
 from amlfs.spec import LossSearch, LossSearchSpec, SpecError
 from amlfs.status import LossSearchStatus
 
-EXIT_CONFIG = 2
 IMMUTABLE = ("space", "parameterization", "intervals", "mode", "seed", "sigma", "init", "logitRange")
 
 
@@ -191,34 +191,27 @@ class LocalRunner:
         elif isinstance(action, core.Finished):
             self.on_event("finished", {"phase": action.phase, "message": action.message})
 
-    def command(self, a: core.StartSample) -> list[str]:
-        cmd = [
-            *self.trainer,
-            "--spec",
-            f"@{self.spec_path}",
-            "--search",
-            self.name,
-            "--namespace",
-            self.manifest.metadata.namespace,
-            "--epoch",
-            str(a.epoch),
-            "--sample",
-            str(a.sample),
-            "--attempt",
-            str(a.attempt),
-            "--theta",
-            json.dumps(a.theta),
-            "--output",
-            a.output,
-            "--cache-dir",
-            str(self.cache_dir),
-        ]
-        if a.start is not None:
-            cmd += ["--start", a.start.uri, "--start-sha256", a.start.sha256]
-        return cmd
+    def invocation(self, a: core.StartSample, device: str = "auto") -> contract.Invocation:
+        """The trainer invocation of one sample (a pack of one)."""
+        return contract.Invocation(
+            spec=f"@{self.spec_path}",
+            search=self.name,
+            namespace=self.manifest.metadata.namespace,
+            epoch=a.epoch,
+            attempt=a.attempt,
+            members=(contract.Member(a.sample, tuple(a.theta), a.output),),
+            start=a.start.uri if a.start is not None else "",
+            start_sha256=a.start.sha256 if a.start is not None else "",
+            device=device,
+            threads=self.threads,
+            cache_dir=str(self.cache_dir),
+        )
+
+    def command(self, a: core.StartSample, device: str = "auto") -> list[str]:
+        return [*self.trainer, *contract.to_argv(self.invocation(a, device))]
 
     def launch(self, a: core.StartSample) -> None:
-        env = dict(os.environ, AMLFS_THREADS=str(self.threads), PYTHONUNBUFFERED="1")
+        env = contract.without_contract_env(os.environ) | {"PYTHONUNBUFFERED": "1"}
         device = self.device
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(self._next_gpu % self.gpus)
@@ -232,7 +225,7 @@ class LocalRunner:
             return
         with open(log, "wb") as f:
             popen = subprocess.Popen(
-                [*self.command(a), "--device", device],
+                self.command(a, device),
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -247,7 +240,7 @@ class LocalRunner:
         from amlfs_trainer.cli import main as trainer_main
 
         with open(log, "w") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
-            return _Finished(trainer_main([*self.command(a)[len(self.trainer) :], "--device", device]))
+            return _Finished(trainer_main(contract.to_argv(self.invocation(a, device))))
 
     def wait(self) -> None:
         while self.procs and all(p.popen.poll() is None for p in self.procs.values()):

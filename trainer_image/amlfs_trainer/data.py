@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from amlfs.contract import ConfigError
 from amlfs.spec import TaskSpec
 
 SPLITS = ("train", "val", "test")
@@ -43,7 +44,7 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_TEST_SEED = 20260101  # fixed: the digits test split never depends on task.splitSeed
 
 
-class DataError(Exception):
+class DataError(ConfigError):
     """Missing or corrupt dataset files. `str()` is one line naming the field and the fix."""
 
 

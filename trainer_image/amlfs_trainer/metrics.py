@@ -1,55 +1,69 @@
-"""Prometheus metrics of one trainer run: live gauges on /metrics and the final result pushed to a Pushgateway.
+"""Prometheus metrics of one trainer run: live gauges on /metrics and each member's result pushed to a Pushgateway.
 
 Names follow Prometheus conventions: `amlfs_` prefix, base units in the name, `_total` for counters.
-Labels: search, epoch, sample (plus namespace on pushed metrics, via the grouping key).
+Labels: search, epoch, sample (one set per member of the pack; plus namespace on pushed metrics, via the
+grouping key of `amlfs.contract`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway, start_http_server
 
-from amlfs.core import PUSH_JOB
+from amlfs.contract import PUSH_JOB, STATUS_OK, grouping_key
 
 log = logging.getLogger(__name__)
 LABELS = ("search", "epoch", "sample")
 
 
+@dataclass
+class MemberGauges:
+    progress: Any
+    loss: Any
+    throughput: Any
+    steps: Any
+
+
 class TrainerMetrics:
-    def __init__(self, search: str, epoch: int, sample: int, port: int = 0) -> None:
+    """Live gauges of every member of a pack (`sample` may be one index or a list), on one /metrics port."""
+
+    def __init__(self, search: str, epoch: int, sample: int | Sequence[int], port: int = 0) -> None:
         self.registry = CollectorRegistry()
-        self.labels = {"search": search, "epoch": str(epoch), "sample": str(sample)}
         r = self.registry
-        self.progress = Gauge(
-            "amlfs_trainer_progress_ratio", "Fraction of the epoch trained.", LABELS, registry=r
-        ).labels(**self.labels)
-        self.loss = Gauge(
-            "amlfs_trainer_loss", "Mean training loss over the last reporting window.", LABELS, registry=r
-        ).labels(**self.labels)
-        self.throughput = Gauge(
+        samples = [sample] if isinstance(sample, int) else list(sample)
+        progress = Gauge("amlfs_trainer_progress_ratio", "Fraction of the epoch trained.", LABELS, registry=r)
+        loss = Gauge("amlfs_trainer_loss", "Mean training loss over the last reporting window.", LABELS, registry=r)
+        throughput = Gauge(
             "amlfs_trainer_throughput_examples_per_second",
             "Training examples per second over the last reporting window.",
             LABELS,
             registry=r,
-        ).labels(**self.labels)
-        self.steps = Counter("amlfs_trainer_steps", "Optimizer steps taken.", LABELS, registry=r).labels(**self.labels)
+        )
+        steps = Counter("amlfs_trainer_steps", "Optimizer steps taken.", LABELS, registry=r)
+        self.members: dict[int, MemberGauges] = {}
+        for s in samples:
+            labels = {"search": search, "epoch": str(epoch), "sample": str(s)}
+            self.members[s] = MemberGauges(
+                progress.labels(**labels), loss.labels(**labels), throughput.labels(**labels), steps.labels(**labels)
+            )
         self.server: Any = None
         if port:
             self.server, _ = start_http_server(port, addr="0.0.0.0", registry=r)
+
+    def member(self, sample: int) -> MemberGauges:
+        return self.members[sample]
 
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()
 
 
-def grouping_key(namespace: str, search: str, epoch: int, sample: int) -> dict[str, str]:
-    return {"namespace": namespace, "search": search, "epoch": str(epoch), "sample": str(sample)}
-
-
 def push_result(gateway: str, namespace: str, search: str, epoch: int, sample: int, result: dict[str, Any]) -> None:
-    """Push the sample's outcome. The reward gauge is absent when the sample produced no reward."""
+    """Push one member's outcome. The reward gauge is absent when the member produced no reward."""
     r = CollectorRegistry()
     if result.get("reward") is not None:
         Gauge("amlfs_sample_reward", "Validation accuracy of the sample (its reward).", registry=r).set(
@@ -67,7 +81,7 @@ def push_result(gateway: str, namespace: str, search: str, epoch: int, sample: i
             "amlfs_sample_checkpoint_info", "The sample's checkpoint digest (value 1).", ["sha256"], registry=r
         ).labels(sha256=result["sha256"]).set(1)
     Gauge("amlfs_sample_diverged", "1 when the loss or gradient became non-finite.", registry=r).set(
-        0 if result.get("status") == "ok" else 1
+        0 if result.get("status") == STATUS_OK else 1
     )
     Gauge("amlfs_sample_duration_seconds", "Wall time of the trainer run.", registry=r).set(
         result.get("timings", {}).get("total", 0.0)

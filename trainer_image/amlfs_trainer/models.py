@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from amlfs.contract import ConfigError
 from amlfs.spec import ModelSpec
 
 SMALL_INPUT = 64  # resnet18/50 use the CIFAR stem up to this side length
 
 
-class ModelError(Exception):
+class ModelError(ConfigError):
     """A model that cannot take the task's inputs. `str()` is one line naming the field and the fix."""
 
 

@@ -1,73 +1,50 @@
-"""One sample of one epoch: load the start checkpoint (or initialise from the seed), train one epoch with the
-sample's loss, evaluate, write checkpoint.pt and result.json. Modelled on torchvision's reference
-classification script, reduced to what a per-epoch search needs.
+"""One invocation of the trainer: a pack of k >= 1 members (samples) of one epoch, all from the same start
+checkpoint. The start-up (imports, data, model, start checkpoint) is paid once; each member then trains one epoch
+with its own loss, is evaluated, and writes its own checkpoint.pt and then result.json under its own output
+prefix, exactly as a sample trained alone. `amlfs_trainer.pack` holds the two execution paths (sequential,
+vectorised); this module is the orchestration. Modelled on torchvision's reference classification script,
+reduced to what a per-epoch search needs.
 
-Randomness: the initial weights depend only on the search seed (identical for every sample of epoch 0). The
-epoch's data order and augmentation depend on (seed, epoch, sample), so the B samples of an epoch see
-different batches (what makes best-of-B selection meaningful) and every sample is reproducible on its own.
-The optimizer and LR-scheduler states carry over between epochs through the checkpoint.
+Randomness: the initial weights depend only on the search seed (identical for every sample of epoch 0). A
+member's data order and augmentation depend on (seed, epoch, sample) only (`member_seed`), so the B samples of an
+epoch see different batches (what makes best-of-B selection meaningful), every sample is reproducible on its own,
+and a pack member equals the same sample trained alone. The optimizer and LR-scheduler states carry over between
+epochs through the checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
-import math
-import os
+import logging
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from amlfs import storage
-from amlfs.core import CHECKPOINT, RESULT
-from amlfs.spec import LossSearchSpec, OptimizerSpec
+from amlfs.contract import CHECKPOINT, RESULT, STATUS_NO_REWARD, STATUS_OK, ConfigError
+from amlfs.spec import LossSearchSpec
+from amlfs_trainer import pack
 from amlfs_trainer.data import TaskData, load_task
+from amlfs_trainer.hardware import bf16_supported, configure, pick_device
+from amlfs_trainer.job import MemberJob, PackJob
 from amlfs_trainer.losses import build_loss
-from amlfs_trainer.metrics import TrainerMetrics
 from amlfs_trainer.models import build_model
+from amlfs_trainer.optim import build_optimizer, build_scheduler, model_params, train_steps
 
-CHECK_EVERY = 50  # steps between host syncs (finite-loss check, metrics)
-_TASKS: dict[tuple[str, str], TaskData] = {}  # datasets loaded in this process (several samples in one process)
+__all__ = ["ConfigError", "member_seed", "run_pack", "sample_seed", "seed_everything"]
 
-
-class ConfigError(Exception):
-    """Invalid configuration or input: never retried. str() is one line naming the field and the fix."""
-
-
-@dataclass
-class SampleJob:
-    spec: LossSearchSpec
-    search: str
-    epoch: int
-    sample: int
-    theta: list[float]
-    program: dict[str, Any]
-    output: str
-    start: str = ""
-    start_sha256: str = ""
-    attempt: int = 0
-    namespace: str = "default"
-    device: str = "auto"
-    cache_dir: Path | None = None
-    metrics: TrainerMetrics | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-    return dev
+log = logging.getLogger("amlfs-trainer")
+SHARED = ("startup", "import", "checkpoint", "data", "model", "setup")  # timings paid once per invocation
+_TASKS: dict[tuple[str, str], TaskData] = {}  # datasets loaded in this process (invocations in one process)
 
 
 def sample_seed(seed: int, epoch: int, sample: int) -> int:
@@ -81,49 +58,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(opt: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if opt.name == "sgd":
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0)
-    return torch.optim.AdamW(groups, lr=opt.lr)
+def member_seed(spec: LossSearchSpec, epoch: int, sample: int) -> Callable[[], torch.Generator]:
+    """A member's randomness for the epoch: seeds the process RNGs and returns the generator of its data order and
+    augmentation. Depends on (search seed, epoch, sample) alone."""
+
+    def seed() -> torch.Generator:
+        s = sample_seed(spec.search.seed, epoch, sample)
+        seed_everything(s)
+        return torch.Generator().manual_seed(s)
+
+    return seed
 
 
-def lr_factor(opt: OptimizerSpec, step: int, total: int, per_epoch: int) -> float:
-    """Multiplier of the peak LR at optimizer step `step` of `total` (warm-up, then the schedule)."""
-    warm = int(opt.warmup_epochs * per_epoch)
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    if opt.schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    if opt.schedule == "step":
-        return opt.gamma ** sum(progress >= m for m in opt.milestones)
-    return 1.0
-
-
-def build_scheduler(
-    opt: OptimizerSpec, optimizer: torch.optim.Optimizer, epochs: int, per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    total = epochs * per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(opt, s, total, per_epoch))
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def load_start(job: SampleJob, workdir: Path) -> dict[str, Any]:
+def load_start(job: PackJob, workdir: Path) -> dict[str, Any]:
     """Fetch and verify the start checkpoint. Missing/corrupt input is a ConfigError (exit 2)."""
     local = workdir / "start.pt"
     try:
@@ -155,194 +102,168 @@ def load_start(job: SampleJob, workdir: Path) -> dict[str, Any]:
     return ckpt
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: TaskData,
-    split: str,
-    batch_size: int,
-    device: torch.device,
-    amp: bool,
-    logit_scale: float = 1.0,
-) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on a split. For a cosine head CE is computed on scale * cosine."""
-    model.eval()
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    loss_sum = torch.zeros((), device=device)
-    n = 0
-    for x, y in data.eval_batches(split, batch_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(x)
-        out = out.float() * logit_scale
-        correct += (out.argmax(1) == y).sum()
-        loss_sum += nn.functional.cross_entropy(out, y, reduction="sum")
-        n += y.numel()
-    if n == 0:
-        return float("nan"), float("nan")
-    return correct.item() / n, loss_sum.item() / n
+def run_pack(job: PackJob, started: float | None = None) -> Iterator[dict[str, Any]]:
+    """Train every member; yield each member's result once its checkpoint.pt and result.json are written.
 
-
-def run_sample(job: SampleJob) -> dict[str, Any]:
-    """Train one epoch for one sample; write checkpoint and result. Returns the result dict."""
-    t0 = time.perf_counter()
+    `started` (perf_counter) is when the invocation began (default: now); a member's `timings.total` runs from
+    there to its result.json.
+    """
+    t0 = time.perf_counter() if started is None else started
+    t_run = time.perf_counter()
     spec = job.spec
     device = pick_device(job.device)
-    amp = device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if job.epoch >= spec.search.epochs:
-        raise ConfigError(
-            f"--epoch {job.epoch}: the search has {spec.search.epochs} epochs (0-based index); "
-            "raise spec.search.epochs or pass a smaller epoch"
-        )
-    if job.epoch > 0 and not job.start:
-        raise ConfigError(f"--start: epoch {job.epoch} needs the previous epoch's best checkpoint")
+    configure(device, job.cudnn_benchmark)
+    amp = bf16_supported(device)
     with tempfile.TemporaryDirectory(prefix="amlfs-trainer-") as tmp:
         work = Path(tmp)
+        t = time.perf_counter()
         ckpt = load_start(job, work) if job.start else None
+        job.timings["checkpoint"] = time.perf_counter() - t
 
+        t = time.perf_counter()
         data = _task_data(spec, device, job.cache_dir)
+        job.timings["data"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         seed_everything(spec.search.seed)  # identical initial weights for every sample of epoch 0
         model = build_model(spec.model, data.num_classes, data.input_shape).to(device)
         if device.type == "cuda" and len(data.input_shape) == 3:
             model = model.to(memory_format=torch.channels_last)
-        per_epoch = max(1, math.ceil(data.size("train") / spec.task.batch_size))
-        optimizer = build_optimizer(spec.optimizer, model)
+        per_epoch = max(1, train_steps(data.size("train"), spec.task.batch_size))
+        optimizer = build_optimizer(spec.optimizer, model_params(model))
         scheduler = build_scheduler(spec.optimizer, optimizer, spec.search.epochs, per_epoch)
+        criteria = [_criterion(m, spec, device) for m in job.members]
+        job.timings["model"] = time.perf_counter() - t
+
         if ckpt is not None:
+            t = time.perf_counter()
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-        criterion = build_loss(job.program, spec.model.head, spec.model.scale).to(device)
-        job.timings["setup"] = time.perf_counter() - t0
-
-        sseed = sample_seed(spec.search.seed, job.epoch, job.sample)
-        seed_everything(sseed)
-        gen = torch.Generator().manual_seed(sseed)
-        t1 = time.perf_counter()
-        train_loss, steps, seen, finite = _train_epoch(
-            job, model, data, criterion, optimizer, scheduler, gen, device, amp, per_epoch
+            job.timings["checkpoint"] += time.perf_counter() - t
+        start = pack.Start(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            data=data,
+            device=device,
+            amp=amp,
+            optimizer_spec=spec.optimizer,
+            epochs=spec.search.epochs,
+            per_epoch=per_epoch,
+            batch_size=spec.task.batch_size,
+            eval_batch_size=spec.task.eval_batch_size,
+            logit_scale=spec.model.scale if spec.model.head == "cosine" else 1.0,
         )
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        job.timings["train"] = time.perf_counter() - t1
-        throughput = seen / max(job.timings["train"], 1e-9)
-
-        result: dict[str, Any] = {
-            "search": job.search,
-            "namespace": job.namespace,
-            "epoch": job.epoch,
-            "sample": job.sample,
-            "attempt": job.attempt,
-            "theta": job.theta,
-            "program": job.program,
-            "device": str(device),
-            "steps": steps,
-            "examples": seen,
-            "throughput": throughput,
-            "trainLoss": train_loss,
-        }
-        if not finite:
-            result |= {
-                "status": "no-reward",
-                "reward": None,
-                "message": "the loss or a parameter became non-finite; sample ended without reward",
-            }
+        del ckpt
+        job.timings["setup"] = time.perf_counter() - t_run
+        members = [
+            pack.Member(
+                m.sample,
+                crit,
+                member_seed(spec, job.epoch, m.sample),
+                job.metrics.member(m.sample) if job.metrics is not None else None,
+            )
+            for m, crit in zip(job.members, criteria, strict=True)
+        ]
+        path = pack.choose_path(job.pack_mode, device, len(members))
+        info: dict[str, Any] = {"size": len(members), "mode": path, "samples": job.samples}
+        outcomes: Iterator[pack.Outcome]
+        if path == "vectorized":
+            vectorized = pack.train_vectorized(start, members)
+            try:
+                outcomes = itertools.chain([next(vectorized)], vectorized)
+            except RuntimeError as exc:  # an operator vmap cannot batch, or out of memory for k members
+                if job.pack_mode != "auto":
+                    raise
+                vectorized.close()
+                del vectorized
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("vectorised pack failed (%s); training the members one by one", _one_line(exc))
+                info |= {"mode": "sequential", "fallback": _one_line(exc)}
+                outcomes = pack.train_sequential(start, members)
         else:
-            t2 = time.perf_counter()
-            scale = spec.model.scale if spec.model.head == "cosine" else 1.0
-            val_acc, val_loss = evaluate(model, data, "val", spec.task.eval_batch_size, device, amp, scale)
-            test_acc, test_loss = evaluate(model, data, "test", spec.task.eval_batch_size, device, amp, scale)
-            job.timings["eval"] = time.perf_counter() - t2
-            result |= {
-                "status": "ok",
-                "reward": val_acc,
-                "valAccuracy": val_acc,
-                "valLoss": val_loss,
-                "testAccuracy": test_acc,
-                "testLoss": test_loss,
-            }
-            t3 = time.perf_counter()
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
-                "epoch": job.epoch + 1,
-                "search": job.search,
-                "sample": job.sample,
-                "theta": job.theta,
-                "program": job.program,
-                "spec": spec.model_dump(mode="json", by_alias=True),
-            }
-            local = work / CHECKPOINT
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            local.write_bytes(buf.getvalue())
-            sha = storage.sha256_file(local)
-            uri = storage.join(job.output, CHECKPOINT)
-            storage.upload_file(local, uri)
-            result |= {"checkpoint": uri, "sha256": sha, "checkpointBytes": local.stat().st_size}
-            job.timings["save"] = time.perf_counter() - t3
-        job.timings["total"] = time.perf_counter() - t0
-        result["timings"] = dict(job.timings)
-        # result.json last: its presence marks the sample as complete
-        storage.write_bytes(storage.join(job.output, RESULT), (json.dumps(result, indent=1) + "\n").encode())
-        return result
+            outcomes = pack.train_sequential(start, members)
+        for i, (m, outcome) in enumerate(zip(job.members, outcomes, strict=True)):
+            assert outcome.sample == m.sample
+            yield _write(job, m, outcome, work, device, amp, info | {"index": i}, t0)
 
 
-def _train_epoch(
-    job: SampleJob,
-    model: nn.Module,
-    data: TaskData,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    gen: torch.Generator,
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] or type(exc).__name__
+
+
+def _criterion(m: MemberJob, spec: LossSearchSpec, device: torch.device) -> torch.nn.Module:
+    try:
+        return build_loss(m.program, spec.model.head, spec.model.scale).to(device)
+    except ValueError as exc:
+        raise ConfigError(f"sample {m.sample}: its loss program is invalid ({exc})") from None
+
+
+def _write(
+    job: PackJob,
+    m: MemberJob,
+    outcome: pack.Outcome,
+    work: Path,
     device: torch.device,
     amp: bool,
-    per_epoch: int,
-) -> tuple[float, int, int, bool]:
-    """Returns (mean loss, steps, examples, finite). Host syncs only every CHECK_EVERY steps."""
-    model.train()
-    window_loss = torch.zeros((), device=device)
-    total_loss = 0.0
-    steps = seen = window_n = 0
-    t_window = time.perf_counter()
-    for x, y in data.train_batches(job.spec.task.batch_size, gen):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(x)
-        loss = criterion(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        window_loss += loss.detach()
-        steps += 1
-        window_n += 1
-        seen += y.shape[0]
-        if steps % CHECK_EVERY == 0 or steps == per_epoch:
-            wl = window_loss.item()
-            if not math.isfinite(wl):
-                return float("nan"), steps, seen, False
-            total_loss += wl
-            if job.metrics is not None:
-                now = time.perf_counter()
-                job.metrics.loss.set(wl / window_n)
-                job.metrics.throughput.set(window_n * job.spec.task.batch_size / max(now - t_window, 1e-9))
-                job.metrics.progress.set(min(1.0, steps / per_epoch))
-                job.metrics.steps.inc(window_n)
-                t_window = now
-            window_loss.zero_()
-            window_n = 0
-    wl = window_loss.item()
-    total_loss += wl
-    finite = math.isfinite(total_loss) and all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    if job.metrics is not None:
-        job.metrics.progress.set(1.0)
-    return (total_loss / max(steps, 1)) if finite else float("nan"), steps, seen, finite
+    pack_info: dict[str, Any],
+    t0: float,
+) -> dict[str, Any]:
+    """The member's checkpoint.pt, then its result.json (whose presence marks it complete)."""
+    timings = dict(job.timings) | outcome.timings
+    result: dict[str, Any] = {
+        "search": job.search,
+        "namespace": job.namespace,
+        "epoch": job.epoch,
+        "sample": m.sample,
+        "attempt": m.attempt,
+        "theta": m.theta,
+        "program": m.program,
+        "device": str(device),
+        "precision": "bf16-autocast" if amp else "fp32",
+        "steps": outcome.steps,
+        "examples": outcome.examples,
+        "throughput": outcome.examples / max(outcome.timings["train"], 1e-9),
+        "trainLoss": outcome.train_loss,
+    }
+    if not outcome.finite or outcome.state is None:
+        result |= {
+            "status": STATUS_NO_REWARD,
+            "reward": None,
+            "message": "the loss or a parameter became non-finite; sample ended without reward",
+        }
+    else:
+        result |= {"status": STATUS_OK, "reward": outcome.metrics["valAccuracy"], **outcome.metrics}
+        t = time.perf_counter()
+        state = {
+            **outcome.state,
+            "epoch": job.epoch + 1,
+            "search": job.search,
+            "sample": m.sample,
+            "theta": m.theta,
+            "program": m.program,
+            "spec": job.spec.model_dump(mode="json", by_alias=True),
+        }
+        local = work / CHECKPOINT
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        local.write_bytes(buf.getvalue())
+        sha = storage.sha256_file(local)
+        uri = storage.join(m.output, CHECKPOINT)
+        storage.upload_file(local, uri)
+        result |= {"checkpoint": uri, "sha256": sha, "checkpointBytes": local.stat().st_size}
+        timings["save"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    shared = [k for k in SHARED if k in timings]
+    if pack_info["mode"] == "vectorized":
+        shared += ["firstStep", "train", "eval"]
+    result["timings"] = timings
+    result["pack"] = pack_info | {"shared": shared}
+    storage.write_bytes(storage.join(m.output, RESULT), (json.dumps(result, indent=1) + "\n").encode())
+    return result
 
 
 def _task_data(spec: LossSearchSpec, device: torch.device, cache_dir: Path | None) -> TaskData:
@@ -351,9 +272,3 @@ def _task_data(spec: LossSearchSpec, device: torch.device, cache_dir: Path | Non
         _TASKS.clear()  # keep at most one dataset resident
         _TASKS[key] = load_task(spec.task, device, cache_dir)
     return _TASKS[key]
-
-
-def threads_from_env() -> None:
-    n = os.environ.get("AMLFS_THREADS")
-    if n:
-        torch.set_num_threads(int(n))

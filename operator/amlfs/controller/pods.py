@@ -1,17 +1,18 @@
 """Small builders of plain-dict trainer Pods, in the style of dask-kubernetes' operator.
 
-A pod runs exactly the trainer CLI contract: the trainer image's entrypoint is `amlfs-trainer`, configured by
-AMLFS_* environment variables, so the same command trains a sample in a pod and in `amlfs run`.
+A pod runs exactly the trainer contract (`amlfs.contract`): the trainer image's entrypoint is `amlfs-trainer`,
+configured by the AMLFS_* environment spelling of an invocation, so the same command trains a sample in a pod
+and in `amlfs run`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from amlfs import contract
 from amlfs.core import StartSample
 from amlfs.spec import LossSearchSpec, spec_to_json
 
@@ -63,26 +64,30 @@ def _env(name: str, value: str) -> dict[str, Any]:
     return {"name": name, "value": value}
 
 
+def invocation(
+    spec: LossSearchSpec, search: str, namespace: str, a: StartSample, settings: PodSettings
+) -> contract.Invocation:
+    """The trainer invocation a pod runs for one sample (a pack of one)."""
+    return contract.Invocation(
+        spec=spec_to_json(spec),
+        search=search,
+        namespace=namespace,
+        epoch=a.epoch,
+        attempt=a.attempt,
+        members=(contract.Member(a.sample, tuple(a.theta), a.output),),
+        start=a.start.uri if a.start is not None else "",
+        start_sha256=a.start.sha256 if a.start is not None else "",
+        metrics_port=spec.trainer.metrics_port,
+        pushgateway=settings.pushgateway,
+        cache_dir="/tmp/amlfs-cache",
+    )
+
+
 def trainer_env(
     spec: LossSearchSpec, search: str, namespace: str, a: StartSample, settings: PodSettings
 ) -> list[dict[str, Any]]:
-    env = [
-        _env("AMLFS_SPEC", spec_to_json(spec)),
-        _env("AMLFS_SEARCH", search),
-        _env("AMLFS_NAMESPACE", namespace),
-        _env("AMLFS_EPOCH", str(a.epoch)),
-        _env("AMLFS_SAMPLE", str(a.sample)),
-        _env("AMLFS_ATTEMPT", str(a.attempt)),
-        _env("AMLFS_THETA", json.dumps(a.theta)),
-        _env("AMLFS_OUTPUT", a.output),
-        _env("AMLFS_METRICS_PORT", str(spec.trainer.metrics_port)),
-        _env("AMLFS_CACHE_DIR", "/tmp/amlfs-cache"),
-        _env("HOME", "/tmp"),
-    ]
-    if a.start is not None:
-        env += [_env("AMLFS_START", a.start.uri), _env("AMLFS_START_SHA256", a.start.sha256)]
-    if settings.pushgateway:
-        env.append(_env("AMLFS_PUSHGATEWAY", settings.pushgateway))
+    env = [_env(k, v) for k, v in contract.to_env(invocation(spec, search, namespace, a, settings)).items()]
+    env.append(_env("HOME", "/tmp"))
     endpoint = spec.storage.endpoint or settings.s3_endpoint
     if endpoint:
         env.append(_env("AWS_ENDPOINT_URL_S3", endpoint))
@@ -157,15 +162,16 @@ def trainer_pod(
 def merge_template(pod: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
     """Merge a user's partial pod into ours: maps merge recursively, lists of named items (containers,
     volumes, volumeMounts, env) merge by name, other values from the template win. The trainer's environment
-    contract and identifying labels cannot be overridden."""
+    contract and identifying labels cannot be overridden, except its tuning knobs (`contract.TUNABLE_ENV`:
+    device, pack mode, threads, cudnn.benchmark)."""
     out = _merge(copy.deepcopy(pod), copy.deepcopy(template))
     out["metadata"]["name"] = pod["metadata"]["name"]
     out["metadata"]["namespace"] = pod["metadata"]["namespace"]
     out["metadata"]["labels"].update({k: v for k, v in pod["metadata"]["labels"].items() if k.startswith("amlfs.io/")})
     trainer = next(c for c in out["spec"]["containers"] if c["name"] == "trainer")
     ours = pod["spec"]["containers"][0]
-    names = {e["name"] for e in ours["env"]}
-    trainer["env"] = ours["env"] + [e for e in trainer.get("env", []) if e["name"] not in names]
+    reserved = {e["name"] for e in ours["env"]} | (contract.ENV_NAMES - contract.TUNABLE_ENV)
+    trainer["env"] = ours["env"] + [e for e in trainer.get("env", []) if e["name"] not in reserved]
     out["spec"]["restartPolicy"] = "Never"
     return out
 

@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from amlfs import core, effects, storage
+from amlfs.contract import EXIT_CONFIG
 from amlfs.controller import metrics
 from amlfs.controller.pods import LABEL_EPOCH, LABEL_SEARCH, PodSettings, pod_name, trainer_pod
 from amlfs.controller.rewards import PushedResult, PushgatewayReader
@@ -33,7 +34,6 @@ from amlfs.spec import LossSearchSpec, explain
 from amlfs.status import LossSearchStatus, SampleStatus
 
 GROUP, VERSION, PLURAL, KIND = "amlfs.io", "v1alpha1", "losssearches", "LossSearch"
-EXIT_CONFIG = 2
 log = logging.getLogger("amlfs.operator")
 
 

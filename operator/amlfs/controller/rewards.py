@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from amlfs.core import PUSH_JOB
+from amlfs.contract import PUSH_JOB, grouping_key
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,8 @@ class PushgatewayReader:
         return out
 
     def delete(self, namespace: str, search: str, epoch: int, sample: int) -> None:
-        path = "/".join(
-            f"{k}/{urllib.parse.quote(v, safe='')}"
-            for k, v in (
-                ("job", PUSH_JOB),
-                ("namespace", namespace),
-                ("search", search),
-                ("epoch", str(epoch)),
-                ("sample", str(sample)),
-            )
-        )
+        labels = {"job": PUSH_JOB} | grouping_key(namespace, search, epoch, sample)
+        path = "/".join(f"{k}/{urllib.parse.quote(v, safe='')}" for k, v in labels.items())
         req = urllib.request.Request(f"{self.url}/metrics/{path}", method="DELETE")
         try:
             urllib.request.urlopen(req, timeout=self.timeout).close()

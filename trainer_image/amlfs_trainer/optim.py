@@ -1,0 +1,61 @@
+"""Optimizer, learning-rate schedule and steps per epoch, shared by the single-model and the stacked paths.
+
+The optimizer takes (tensor, ndim of one member's parameter) pairs: weight decay applies to weights (ndim > 1),
+not to biases and norm parameters, whether a tensor holds one model's parameter or k members' stacked along a
+new first dimension. SGD (momentum, Nesterov, weight decay) and AdamW are elementwise, so one optimizer over
+stacked tensors equals k independent optimizers as long as the members share the schedule (they do).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from amlfs.spec import OptimizerSpec
+
+MIN_BATCH = 2  # a trailing batch smaller than this is dropped: BatchNorm cannot normalise one example
+
+
+def train_steps(n: int, batch_size: int) -> int:
+    """Optimizer steps in an epoch of n examples: full batches, plus the last partial one unless it is a
+    single example."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= MIN_BATCH else 0)
+
+
+def build_optimizer(opt: OptimizerSpec, params: Iterable[tuple[Tensor, int]]) -> torch.optim.Optimizer:
+    decay: list[Tensor] = []
+    no_decay: list[Tensor] = []
+    for p, ndim in params:
+        (no_decay if ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if opt.name == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0)
+    return torch.optim.AdamW(groups, lr=opt.lr)
+
+
+def model_params(model: nn.Module) -> list[tuple[Tensor, int]]:
+    return [(p, p.ndim) for p in model.parameters()]
+
+
+def lr_factor(opt: OptimizerSpec, step: int, total: int, per_epoch: int) -> float:
+    """Multiplier of the peak LR at optimizer step `step` of `total` (warm-up, then the schedule)."""
+    warm = int(opt.warmup_epochs * per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    if opt.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if opt.schedule == "step":
+        return opt.gamma ** sum(progress >= m for m in opt.milestones)
+    return 1.0
+
+
+def build_scheduler(
+    opt: OptimizerSpec, optimizer: torch.optim.Optimizer, epochs: int, per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    total = epochs * per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(opt, s, total, per_epoch))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,37 @@ def test_uri_parsing():
     with pytest.raises(ValueError, match="missing bucket"):
         storage.parse("s3:///k")
     assert Path(storage.parse("file://rel/x").key).is_absolute()
+
+
+def test_download_prefix_fetches_in_parallel_and_keeps_cached_files(root, tmp_path, monkeypatch):
+    files = {f"part-{i // 5}/f{i:02d}.bin": os.urandom(1000 + i) for i in range(20)}
+    for rel, data in files.items():
+        storage.write_bytes(f"{root}/ds/{rel}", data)
+    dest = tmp_path / "cache"
+    kept = dest / "part-0" / "f00.bin"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"x" * len(files["part-0/f00.bin"]))  # same size: treated as already cached
+    stale = dest / "part-0" / "f01.bin"
+    stale.write_bytes(b"short")  # different size: fetched again
+
+    real, lock, active, peak = storage.download_file, threading.Lock(), [0], [0]
+
+    def tracking(uri: str, path: Path) -> None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.02)
+        try:
+            real(uri, path)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(storage, "download_file", tracking)
+    storage.download_prefix(f"{root}/ds", dest, workers=4)
+    assert peak[0] > 1  # objects were fetched concurrently
+    assert kept.read_bytes() == b"x" * len(files["part-0/f00.bin"])
+    for rel, data in files.items():
+        if rel != "part-0/f00.bin":
+            assert (dest / rel).read_bytes() == data, rel
+    assert not list(dest.rglob("*.tmp"))

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,15 +206,23 @@ def list_prefix(uri: str) -> list[str]:
     return [u for u, _ in list_sizes(uri)]
 
 
-def download_prefix(uri: str, dest: Path) -> Path:
-    """Copy every object under a prefix into dest, keeping relative paths. Files already there with the same
-    size are kept (a dataset cache shared by the samples of a node)."""
+def download_prefix(uri: str, dest: Path, workers: int = 8) -> Path:
+    """Copy every object under a prefix into dest, keeping relative paths, `workers` objects at a time (a
+    dataset of many small objects is bound by round trips, not bandwidth). Files already there with the same
+    size are kept (a dataset cache shared by the samples of a node); each file appears atomically."""
     base = parse(uri).key.rstrip("/")
+    todo = []
     for obj, size in list_sizes(uri):
         target = dest / parse(obj).key[len(base) :].lstrip("/")
-        if target.exists() and target.stat().st_size == size:
-            continue
-        download_file(obj, target)
+        if not (target.exists() and target.stat().st_size == size):
+            todo.append((obj, target))
+    if len(todo) <= 1 or workers <= 1:
+        for obj, target in todo:
+            download_file(obj, target)
+        return dest
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # boto3 clients are thread-safe
+        for future in [pool.submit(download_file, obj, target) for obj, target in todo]:
+            future.result()  # the first failure propagates (after the others finish)
     return dest
 
 

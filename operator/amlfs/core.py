@@ -288,10 +288,10 @@ def _close_epoch(s: _Step) -> None:
     assert best_i is not None
     bx = st.samples[best_i]
     old_mu = list(st.mu)
+    update = reinforce.update_rewards(rewards, [x.state == "NoReward" for x in st.samples], spec.search.elitism)
     if spec.search.mode == "search":
-        grad = reinforce.reinforce_gradient(
-            st.mu, [st.samples[i].theta for i in got], valid, st.sigma
-        )
+        used = [(st.samples[i].theta, r) for i, r in enumerate(update) if r is not None]
+        grad = reinforce.reinforce_gradient(st.mu, [t for t, _ in used], [r for _, r in used], st.sigma)
         if grad is not None:
             st.mu, st.adam = reinforce.adam_ascent(st.mu, grad, st.adam, spec.search.lr)
             if spec.search.mu_bound > 0:
@@ -310,6 +310,7 @@ def _close_epoch(s: _Step) -> None:
     full = record.model_dump(mode="json", by_alias=True) | {
         "thetas": [x.theta for x in st.samples],
         "states": [x.state for x in st.samples],
+        "updateRewards": update if spec.search.mode == "search" else [],
         "muBefore": old_mu,
         "muAfter": list(st.mu),
         "checkpoint": bx.checkpoint,

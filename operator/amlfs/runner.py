@@ -24,7 +24,17 @@ from amlfs.spec import LossSearch, LossSearchSpec, SpecError
 from amlfs.status import LossSearchStatus
 
 EXIT_CONFIG = 2
-IMMUTABLE = ("space", "parameterization", "intervals", "mode", "seed", "sigma", "init", "logitRange")
+IMMUTABLE = (
+    "space",
+    "parameterization",
+    "intervals",
+    "mode",
+    "seed",
+    "sigma",
+    "init",
+    "logitRange",
+    "commonRandomNumbers",
+)
 
 
 class _Finished:
@@ -101,6 +111,8 @@ class LocalRunner:
 
     def _check_same_search(self, old: dict) -> None:
         new = json.loads(self.spec.model_dump_json(by_alias=True))
+        with contextlib.suppress(ValueError):  # fields added since the search began count with their defaults
+            old = json.loads(LossSearchSpec.model_validate(old).model_dump_json(by_alias=True))
         for key in IMMUTABLE:
             if old.get("search", {}).get(key) != new["search"].get(key):
                 raise SpecError(

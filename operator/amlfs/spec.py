@@ -245,6 +245,13 @@ class SearchSpec(Model):
         json_schema_extra=cel(immutable("spec.search.seed", "the search replays from it")),
     )
     elitism: bool = Field(True, description="Sample 0 of every epoch is mu itself.")
+    common_random_numbers: bool = Field(
+        False,
+        description="search mode: the B samples of an epoch see the same batch order, augmentation and "
+        "dropout (drawn from seed and epoch), so their rewards differ by the loss alone. selection-only "
+        "mode always gives each sample its own order (its samples differ by nothing else).",
+        json_schema_extra=cel(immutable("spec.search.commonRandomNumbers", "the search replays from it")),
+    )
     mu_bound: float = Field(
         1.0,
         ge=0.0,

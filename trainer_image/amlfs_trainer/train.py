@@ -3,9 +3,10 @@ sample's loss, evaluate, write checkpoint.pt and result.json. Modelled on torchv
 classification script, reduced to what a per-epoch search needs.
 
 Randomness: the initial weights depend only on the search seed (identical for every sample of epoch 0). The
-epoch's data order and augmentation depend on (seed, epoch, sample), so the B samples of an epoch see
-different batches (what makes best-of-B selection meaningful) and every sample is reproducible on its own.
-The optimizer and LR-scheduler states carry over between epochs through the checkpoint.
+epoch's data order, augmentation and dropout are seeded afresh by every sample from (seed, epoch, sample) —
+or (seed, epoch) with `search.commonRandomNumbers` in search mode, so that the B samples differ by their loss
+alone — so every sample is reproducible on its own and no RNG state needs to travel in the checkpoint. The
+model, optimizer and LR-scheduler states carry over between epochs through the checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 
 from amlfs import storage
 from amlfs.core import CHECKPOINT, RESULT
-from amlfs.spec import LossSearchSpec, OptimizerSpec
+from amlfs.spec import LossSearchSpec, OptimizerSpec, SearchSpec
 from amlfs_trainer.data import TaskData, load_task
 from amlfs_trainer.losses import build_loss
 from amlfs_trainer.metrics import TrainerMetrics
@@ -70,8 +71,12 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def sample_seed(seed: int, epoch: int, sample: int) -> int:
-    digest = hashlib.sha256(f"amlfs-train:{seed}:{epoch}:{sample}".encode()).digest()
+def sample_seed(search: SearchSpec, epoch: int, sample: int) -> int:
+    """Seed of a sample's data order, augmentation and dropout. With common random numbers (search mode
+    only) every sample of the epoch gets sample 0's seed; selection-only samples always differ."""
+    if search.common_random_numbers and search.mode == "search":
+        sample = 0
+    digest = hashlib.sha256(f"amlfs-train:{search.seed}:{epoch}:{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -110,17 +115,6 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     total = epochs * per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(opt, s, total, per_epoch))
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 def load_start(job: SampleJob, workdir: Path) -> dict[str, Any]:
@@ -218,7 +212,7 @@ def run_sample(job: SampleJob) -> dict[str, Any]:
         criterion = build_loss(job.program, spec.model.head, spec.model.scale).to(device)
         job.timings["setup"] = time.perf_counter() - t0
 
-        sseed = sample_seed(spec.search.seed, job.epoch, job.sample)
+        sseed = sample_seed(spec.search, job.epoch, job.sample)
         seed_everything(sseed)
         gen = torch.Generator().manual_seed(sseed)
         t1 = time.perf_counter()
@@ -269,7 +263,6 @@ def run_sample(job: SampleJob) -> dict[str, Any]:
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
                 "epoch": job.epoch + 1,
                 "search": job.search,
                 "sample": job.sample,

@@ -38,6 +38,21 @@ def normalized(rewards: list[float]) -> list[float] | None:
     return [(r - mean) / sd for r in rewards]
 
 
+LOSS_TIE_BREAK = 0.01
+"""Weight of the validation cross-entropy in the accuracy+loss reward."""
+
+
+def reward_value(kind: str, accuracy: float, loss: float) -> float:
+    """A sample's reward from its validation accuracy and (plain cross-entropy) loss; see spec.search.reward."""
+    if kind == "accuracy":
+        return accuracy
+    if kind == "accuracy+loss":
+        return accuracy - LOSS_TIE_BREAK * loss
+    if kind == "neg-val-loss":
+        return -loss
+    raise ValueError(f"search.reward: unknown reward {kind!r}; use accuracy, accuracy+loss or neg-val-loss")
+
+
 def reinforce_gradient(
     mu: list[float], thetas: list[list[float]], rewards: list[float], sigma: float
 ) -> list[float] | None:

@@ -34,6 +34,7 @@ IMMUTABLE = (
     "init",
     "logitRange",
     "commonRandomNumbers",
+    "reward",
 )
 
 

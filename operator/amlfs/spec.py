@@ -260,6 +260,14 @@ class SearchSpec(Model):
         "muBound of its initial value, so noisy rewards cannot drift the loss far away "
         "(0: unbounded, as in the paper).",
     )
+    reward: Literal["accuracy", "accuracy+loss", "neg-val-loss"] = Field(
+        "accuracy",
+        description="What a sample is rewarded (and the best sample chosen) by, on the validation split: "
+        "accuracy; accuracy+loss: accuracy minus 0.01 x cross-entropy (the loss breaks ties between equal "
+        "accuracies); neg-val-loss: minus the cross-entropy. The validation loss is always plain "
+        "cross-entropy, whatever loss the sample trained with, so samples stay comparable.",
+        json_schema_extra=cel(immutable("spec.search.reward", "rewards of different epochs are compared")),
+    )
     min_samples: int = Field(1, ge=1, description="An epoch closes only with at least this many rewards.")
     max_retries: int = Field(2, ge=0, le=20, description="Re-runs of a sample that failed transiently.")
     logit_range: float = Field(

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from amlfs import storage
+from amlfs import reinforce, storage
 from amlfs.core import CHECKPOINT, RESULT
 from amlfs.spec import LossSearchSpec, OptimizerSpec, SearchSpec
 from amlfs_trainer.data import TaskData, load_task
@@ -252,7 +252,7 @@ def run_sample(job: SampleJob) -> dict[str, Any]:
             job.timings["eval"] = time.perf_counter() - t2
             result |= {
                 "status": "ok",
-                "reward": val_acc,
+                "reward": reinforce.reward_value(spec.search.reward, val_acc, val_loss),
                 "valAccuracy": val_acc,
                 "valLoss": val_loss,
                 "testAccuracy": test_acc,

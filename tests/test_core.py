@@ -278,3 +278,17 @@ def test_core_imports_without_torch_and_operator_stays_the_stdlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_presets_as_fixed_losses_and_class_balance_on_every_program():
+    spec = make_spec(mode="selection-only", init={"preset": "label-smoothing", "smoothing": 0.2, "classBalance": 0.99})
+    st, acts = core.step(spec, None, [], ROOT)
+    assert st.mu == [0.0] * len(st.mu)  # not representable: mu is only reported in selection-only mode
+    program = next(a for a in acts if isinstance(a, core.StartSample)).program
+    assert program["name"] == "label-smoothing" and program["labelSmoothing"] == 0.2
+    assert program["classBalance"] == 0.99
+    spec = make_spec(init={"preset": "poly1", "polyEpsilon": 2.0, "classBalance": 0.9})
+    st, acts = core.step(spec, None, [], ROOT)
+    programs = [a.program for a in acts if isinstance(a, core.StartSample)]
+    assert all(p["kind"] == "piecewise" and p["classBalance"] == 0.9 for p in programs)
+    assert st.mu != [0.0] * len(st.mu)  # the warm start differs from cross-entropy

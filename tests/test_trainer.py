@@ -13,7 +13,7 @@ import torch
 
 from amlfs import storage
 from amlfs.spaces import SpaceConfig, get_space
-from amlfs.spec import LossSearchSpec, spec_to_json
+from amlfs.spec import InitSpec, LossSearchSpec, spec_to_json
 from amlfs_trainer.cli import EXIT_CONFIG, EXIT_OK, main
 from amlfs_trainer.data import load_task
 from amlfs_trainer.models import build_model
@@ -145,6 +145,15 @@ def test_reward_from_the_validation_cross_entropy(tmp_path, kind):
         xs, ys = zip(*data.eval_batches("val", 10_000), strict=True)
         ce = torch.nn.functional.cross_entropy(model(torch.cat(xs)), torch.cat(ys)).item()
     assert loss == pytest.approx(ce, rel=1e-5)
+
+
+def test_fixed_preset_with_class_balance_trains(tmp_path):
+    init = InitSpec(preset="sce", class_balance=0.999)
+    spec = SPEC.model_copy(update={"search": SPEC.search.model_copy(update={"mode": "selection-only", "init": init})})
+    out = f"file://{tmp_path}/cb"
+    assert main(args(tmp_path, 0, 0, out, spec=spec)) == EXIT_OK
+    r = storage.read_json(f"{out}/result.json")
+    assert r["status"] == "ok" and r["program"]["name"] == "sce" and r["program"]["classBalance"] == 0.999
 
 
 def test_non_finite_loss_ends_the_sample_without_reward(tmp_path):

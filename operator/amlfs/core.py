@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from amlfs import reinforce
-from amlfs.spaces import SpaceConfig, get_space, preset_program
+from amlfs.spaces import SpaceConfig, get_space, preset_program, with_class_balance
 from amlfs.spec import LossSearchSpec
 from amlfs.status import (
     HISTORY_LIMIT,
@@ -147,13 +147,18 @@ def initial_mu(spec: LossSearchSpec) -> list[float]:
     space, cfg = get_space(spec.search.space), space_config(spec)
     if spec.search.init.preset == "softmax":
         return space.identity(cfg)
-    return space.from_preset(spec.search.init, cfg)
+    try:
+        return space.from_preset(spec.search.init, cfg)
+    except ValueError:
+        if spec.search.mode == "selection-only":  # mu is only reported there; the samples train the exact preset
+            return space.identity(cfg)
+        raise
 
 
 def program_for(spec: LossSearchSpec, theta: list[float]) -> dict[str, Any]:
     if spec.search.mode == "selection-only":
         return preset_program(spec.search.init, spec.optimizer.label_smoothing)
-    return get_space(spec.search.space).program(theta, space_config(spec))
+    return with_class_balance(get_space(spec.search.space).program(theta, space_config(spec)), spec.search.init)
 
 
 def initial_status(spec: LossSearchSpec) -> LossSearchStatus:

@@ -22,12 +22,13 @@ KIND = "LossSearch"
 DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
 MODELS = ("mlp", "small-cnn", "cnn1d", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50")
 SPACES = ("amlfs", "search-softmax")
-PRESETS = ("softmax", "cosface", "arcface", "focal")
+PRESETS = ("softmax", "cosface", "arcface", "focal", "gce", "mae", "sce", "label-smoothing", "poly1")
+BOUNDED_PRESETS = ("gce", "mae")  # tau(0) > 0: the monotone parameterisation (tau(0) = 0) cannot start there
 
 Dataset = Literal["digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"]
 ModelName = Literal["mlp", "small-cnn", "cnn1d", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50"]
 SpaceName = Literal["amlfs", "search-softmax"]
-PresetName = Literal["softmax", "cosface", "arcface", "focal"]
+PresetName = Literal["softmax", "cosface", "arcface", "focal", "gce", "mae", "sce", "label-smoothing", "poly1"]
 
 STORAGE_URI = re.compile(r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+|/.+)$")
 NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -137,13 +138,31 @@ class OptimizerSpec(Model):
 
 
 class InitSpec(Model):
-    """Where the loss distribution's mean starts: a named preset approximated in the search space."""
+    """The init loss: where the loss distribution's mean starts (search mode: a preset approximated in the
+    search space) and the exact loss every sample trains with in selection-only mode."""
 
     preset: PresetName = Field(
-        "softmax", description="softmax (identity: plain cross-entropy), cosface, arcface or focal."
+        "softmax",
+        description="softmax (identity: plain cross-entropy), cosface, arcface, focal, gce (generalised "
+        "cross-entropy (1 - p^q)/q), mae (2(1 - p)), sce (symmetric CE: alpha CE + beta RCE), "
+        "label-smoothing (selection-only mode) or poly1 (CE + epsilon (1 - p)).",
     )
     margin: float = Field(0.35, ge=0.0, le=1.5, description="cosface/arcface margin m.")
     gamma: float = Field(2.0, ge=0.0, le=10.0, description="focal gamma.")
+    q: float = Field(0.7, gt=0.0, le=1.0, description="gce exponent q (q -> 0: cross-entropy, q = 1: MAE / 2).")
+    alpha: float = Field(0.1, ge=0.0, le=10.0, description="sce weight of cross-entropy.")
+    beta: float = Field(1.0, ge=0.0, le=10.0, description="sce weight of reverse cross-entropy -ln(1e-4) (1 - p).")
+    smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label-smoothing epsilon.")
+    poly_epsilon: float = Field(1.0, ge=-1.0, le=10.0, description="poly1 epsilon.")
+    class_balance: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Class-balanced weighting (Cui et al., CVPR 2019) of every loss of the search (the "
+        "preset in selection-only mode, each sampled loss in search mode): class c weighs "
+        "(1 - beta) / (1 - beta^n_c), n_c its training examples, normalised to mean 1 over classes. "
+        "This is that beta (e.g. 0.999); 0: off.",
+    )
 
 
 class SearchSpec(Model):
@@ -360,6 +379,23 @@ class LossSearchSpec(Model):
                 "fieldPath": ".search.init.preset",
             },
             {
+                "rule": "self.?search.?mode.orValue('search') != 'search' "
+                "|| self.?search.?init.?preset.orValue('') != 'label-smoothing'",
+                "message": "spec.search.init.preset label-smoothing is not a loss of the target probability, so no "
+                "search space can start from it; use it with search.mode: selection-only",
+                "fieldPath": ".search.init.preset",
+            },
+            {
+                "rule": "self.?search.?mode.orValue('search') != 'search' "
+                "|| self.?search.?space.orValue('amlfs') != 'amlfs' "
+                "|| self.?search.?parameterization.orValue('monotone') != 'monotone' "
+                "|| !(self.?search.?init.?preset.orValue('') in ['gce', 'mae'])",
+                "message": "spec.search.init.preset gce and mae are bounded (tau(0) > 0), which the monotone "
+                "parameterization cannot express; use search.parameterization: paper, or "
+                "search.mode: selection-only",
+                "fieldPath": ".search.init.preset",
+            },
+            {
                 "rule": "self.?search.?space.orValue('') != 'search-softmax' || self.?search.?mode.orValue('') != "
                 "'search' || self.?search.?init.?preset.orValue('softmax') == 'softmax'",
                 "message": "spec.search.init.preset must be softmax when spec.search.space is search-softmax "
@@ -389,6 +425,21 @@ class LossSearchSpec(Model):
             raise ValueError("search.init.preset arcface needs model.head: cosine")
         if self.search.space == "search-softmax" and self.search.mode == "search" and init.preset != "softmax":
             raise ValueError(f"search.init.preset {init.preset} is not representable in search-softmax; use softmax")
+        if self.search.mode == "search" and init.preset == "label-smoothing":
+            raise ValueError(
+                "search.init.preset label-smoothing is not a loss of the target probability, so no search space "
+                "can start from it; use it with search.mode: selection-only"
+            )
+        if (
+            self.search.mode == "search"
+            and self.search.space == "amlfs"
+            and self.search.parameterization == "monotone"
+            and init.preset in BOUNDED_PRESETS
+        ):
+            raise ValueError(
+                f"search.init.preset {init.preset} is bounded (tau(0) > 0), which the monotone parameterization "
+                "cannot express; use search.parameterization: paper, or search.mode: selection-only"
+            )
         return self
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from amlfs import reinforce, storage
 from amlfs.core import CHECKPOINT, RESULT
 from amlfs.spec import LossSearchSpec, OptimizerSpec, SearchSpec
+from amlfs_trainer.corruption import class_counts
 from amlfs_trainer.data import TaskData, load_task
 from amlfs_trainer.losses import build_loss
 from amlfs_trainer.metrics import TrainerMetrics
@@ -209,7 +210,8 @@ def run_sample(job: SampleJob) -> dict[str, Any]:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-        criterion = build_loss(job.program, spec.model.head, spec.model.scale).to(device)
+        counts = class_counts(data) if "classBalance" in job.program else None
+        criterion = build_loss(job.program, spec.model.head, spec.model.scale, class_counts=counts).to(device)
         job.timings["setup"] = time.perf_counter() - t0
 
         sseed = sample_seed(spec.search, job.epoch, job.sample)

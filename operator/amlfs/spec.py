@@ -66,8 +66,59 @@ class Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
+class LabelNoiseSpec(Model):
+    """Label noise for robustness studies: applied, seeded, to the training and validation splits, never test."""
+
+    type: Literal["symmetric", "pairflip"] = Field(
+        "symmetric",
+        description="symmetric: a noisy label is drawn uniformly from the other classes. pairflip: class c "
+        "becomes c + 1 (mod the number of classes).",
+    )
+    rate: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the training and validation examples whose label is replaced "
+        "(exactly round(rate x n) of them); 0: clean.",
+    )
+    seed: int = Field(0, ge=0, description="Seed of which examples are relabelled and how.")
+
+
+class ImbalanceSpec(Model):
+    """A long-tailed training set for robustness studies: applied, seeded, to training and validation, never test."""
+
+    ratio: float = Field(
+        1.0,
+        ge=1.0,
+        le=10000.0,
+        description="Examples of the largest class over those of the smallest (1: as loaded). Class c of C "
+        "keeps round(n x ratio^(-c/(C-1))) examples, n the smallest class's count as loaded.",
+    )
+    profile: Literal["exponential"] = Field("exponential", description="How counts fall from class 0 to class C-1.")
+    seed: int = Field(0, ge=0, description="Seed of which examples each class keeps.")
+
+
 class TaskSpec(Model):
     """What to train on."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            {
+                "rule": "self.?dataset.orValue('digits') != 'imagefolder' "
+                "|| (self.?labelNoise.?rate.orValue(0.0) == 0.0 && self.?imbalance.?ratio.orValue(1.0) == 1.0)",
+                "message": "spec.task.labelNoise and spec.task.imbalance apply to in-memory datasets only; "
+                "use another dataset or set labelNoise.rate: 0 and imbalance.ratio: 1",
+                "fieldPath": ".labelNoise",
+            },
+            {
+                "rule": "self.?labelNoise.?type.orValue('symmetric') != 'pairflip' "
+                "|| self.?labelNoise.?rate.orValue(0.0) < 0.5",
+                "message": "spec.task.labelNoise.rate must be below 0.5 for pairflip noise (the flipped class would "
+                "become the majority label); lower the rate",
+                "fieldPath": ".labelNoise.rate",
+            },
+        )
+    )
 
     dataset: Dataset = Field(
         "digits", description="Dataset name: digits, mnist1d, cifar10, cifar100, mnist, fashion-mnist or imagefolder."
@@ -92,6 +143,19 @@ class TaskSpec(Model):
     augment: bool = Field(True, description="Standard augmentation (random crop + flip for CIFAR-style images).")
     train_limit: int = Field(0, ge=0, description="Use at most this many training examples (0: all). For smoke tests.")
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader workers, for imagefolder only.")
+    label_noise: LabelNoiseSpec = Field(default_factory=LabelNoiseSpec)
+    imbalance: ImbalanceSpec = Field(default_factory=ImbalanceSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskSpec:
+        if self.dataset == "imagefolder" and (self.label_noise.rate > 0 or self.imbalance.ratio > 1):
+            raise ValueError("labelNoise and imbalance apply to in-memory datasets only, not imagefolder")
+        if self.label_noise.type == "pairflip" and self.label_noise.rate >= 0.5:
+            raise ValueError(
+                f"labelNoise.rate {self.label_noise.rate} must be below 0.5 for pairflip noise "
+                "(the flipped class would become the majority label)"
+            )
+        return self
 
 
 class ModelSpec(Model):

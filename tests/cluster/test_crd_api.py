@@ -226,6 +226,12 @@ INVALID = [
         None,
         ["spec.search.init.preset gce and mae are bounded (tau(0) > 0)"],
     ),
+    (
+        "pairflip-half",
+        {"task": {"labelNoise": {"type": "pairflip", "rate": 0.5}}},
+        None,
+        ["spec.task.labelNoise.rate must be below 0.5 for pairflip noise"],
+    ),
     ("val-fraction-1", {"task": {"valFraction": 1.0}}, None, ["spec.task.valFraction", "should be less than 1"]),
     ("seed-negative", {"search": {"seed": -1}}, None, ["spec.search.seed", "should be greater than or equal to 0"]),
     ("epochs-string", {"search": {"epochs": "ten"}}, None, ["spec.search.epochs", "must be of type integer"]),

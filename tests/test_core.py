@@ -104,19 +104,50 @@ def test_normalisation_and_no_update_without_signal():
     assert all(r.mu_step == 0 for r in status.history)
 
 
-def test_missing_rewards_are_excluded_from_the_update():
+def test_diverged_samples_count_with_a_floor_failures_are_left_out():
     mu = [0.0, 0.0]
     thetas = [[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]
     g_all = reinforce.reinforce_gradient(mu, thetas[:2], [1.0, 0.0], 1.0)
     assert g_all is not None and g_all[0] > 0 and g_all[1] == 0
-    spec = make_spec(epochs=1)
-    # sample 3 diverges: its theta must not enter the update
-    rewards = {0: 0.5, 1: 0.7, 2: 0.6, 3: None}
-    status, actions, _ = run_search(spec, lambda th, e, s: rewards[s])
+    assert reinforce.diverged_floor([0.5, 0.7, 0.6]) == pytest.approx(0.3)  # worst minus the spread
+    assert reinforce.diverged_floor([0.5, 0.5]) == pytest.approx(0.5 - reinforce.FLOOR_MARGIN)
+    assert reinforce.update_rewards([0.5, 0.7, None, None], [False, False, True, False], elitism=False) == [
+        0.5,
+        0.7,
+        pytest.approx(0.3),
+        None,
+    ]
+    spec = make_spec(epochs=1, elitism=False, maxRetries=0)
+    # sample 2 diverges (no reward), sample 3 fails in the infrastructure
+    rewards = {0: 0.5, 1: 0.7, 2: None, 3: 0.9}
+    status, actions, _ = run_search(spec, lambda th, e, s: rewards[s], fail={(0, 3, 0): "failed"})
     hist = next(a for a in actions if isinstance(a, core.AppendHistory)).record
-    assert hist["rewards"] == [0.5, 0.7, 0.6, None]
-    expected = reinforce.reinforce_gradient(hist["muBefore"], hist["thetas"][:3], [0.5, 0.7, 0.6], spec.search.sigma)
+    assert hist["rewards"] == [0.5, 0.7, None, None]
+    assert hist["states"] == ["Succeeded", "Succeeded", "NoReward", "Failed"]
+    assert hist["updateRewards"] == [0.5, 0.7, pytest.approx(0.3), None]
+    expected = reinforce.reinforce_gradient(hist["muBefore"], hist["thetas"][:3], [0.5, 0.7, 0.3], spec.search.sigma)
     mu, _ = reinforce.adam_ascent(hist["muBefore"], expected, AdamState(), spec.search.lr)
+    assert status.mu == pytest.approx(mu)
+    # the update moves mu away from the diverged theta: along (theta_2 - mu) it goes down
+    d2 = [t - m for t, m in zip(hist["thetas"][2], hist["muBefore"], strict=True)]
+    assert sum(a * (b - m) for a, b, m in zip(d2, status.mu, hist["muBefore"], strict=True)) < 0
+
+
+def test_the_elite_sample_does_not_enter_the_z_scores():
+    # mu's own sample is far better than three equally good sampled losses: nothing says which way to go
+    spec = make_spec(epochs=1)
+    status, actions, _ = run_search(spec, lambda th, e, s: 0.9 if s == 0 else 0.8)
+    hist = next(a for a in actions if isinstance(a, core.AppendHistory)).record
+    assert hist["updateRewards"] == [None, 0.8, 0.8, 0.8]
+    assert status.mu == hist["muBefore"] and status.adam.step == 0
+    # the estimate the elite used to bias: z-scores over all four push mu against the sum of the noises
+    biased = reinforce.reinforce_gradient(hist["muBefore"], hist["thetas"], [0.9, 0.8, 0.8, 0.8], spec.search.sigma)
+    assert biased is not None and max(abs(g) for g in biased) > 0.5
+    # with a signal among the sampled ones, only they set the direction and scale
+    status, actions, _ = run_search(spec, lambda th, e, s: {0: 0.9, 1: 0.7, 2: 0.8, 3: 0.8}[s])
+    hist = next(a for a in actions if isinstance(a, core.AppendHistory)).record
+    g = reinforce.reinforce_gradient(hist["muBefore"], hist["thetas"][1:], [0.7, 0.8, 0.8], spec.search.sigma)
+    mu, _ = reinforce.adam_ascent(hist["muBefore"], g, AdamState(), spec.search.lr)
     assert status.mu == pytest.approx(mu)
 
 
@@ -248,3 +279,18 @@ def test_core_imports_without_torch_and_operator_stays_the_stdlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_presets_as_fixed_losses_and_class_balance_on_every_program():
+    spec = make_spec(mode="selection-only", init={"preset": "label-smoothing", "smoothing": 0.2, "classBalance": 0.99})
+    st, acts = core.step(spec, None, [], ROOT)
+    assert st.mu == [0.0] * len(st.mu)  # not representable: mu is only reported in selection-only mode
+    start = next(a for a in acts if isinstance(a, core.StartSample))
+    program = core.program_for(spec, start.theta)  # what the trainer derives from the sample's theta
+    assert program["name"] == "label-smoothing" and program["labelSmoothing"] == 0.2
+    assert program["classBalance"] == 0.99
+    spec = make_spec(init={"preset": "poly1", "polyEpsilon": 2.0, "classBalance": 0.9})
+    st, acts = core.step(spec, None, [], ROOT)
+    programs = [core.program_for(spec, a.theta) for a in acts if isinstance(a, core.StartSample)]
+    assert all(p["kind"] == "piecewise" and p["classBalance"] == 0.9 for p in programs)
+    assert st.mu != [0.0] * len(st.mu)  # the warm start differs from cross-entropy

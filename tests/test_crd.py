@@ -284,6 +284,8 @@ def test_cel_rules_name_the_field_and_the_fix(schema):
         ".spec.search.seed",
         ".spec.search.init",
         ".spec.search.logitRange",
+        ".spec.search.commonRandomNumbers",
+        ".spec.search.reward",
     }
     # the knobs a user raises on a running search stay mutable
     for path in (".spec.search.epochs", ".spec.suspend", ".spec.optimizer", ".spec.trainer"):

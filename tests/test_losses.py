@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from amlfs.spaces import SpaceConfig, evaluate, get_space, preset_program
-from amlfs.spaces.base import piece_index
+from amlfs.spaces.base import piece_index, preset_tau
 from amlfs.spec import InitSpec
-from amlfs_trainer.losses import TAU_FLOOR, build_loss
+from amlfs_trainer.losses import TAU_FLOOR, build_loss, class_balanced_weights
 
 AMLFS = get_space("amlfs")
 SEARCH_SOFTMAX = get_space("search-softmax")
@@ -195,6 +195,92 @@ def test_preset_gradients_are_finite_at_the_edges(preset: str) -> None:
     assert torch.isfinite(loss) and torch.isfinite(g).all()
 
 
+def ref_target_probability_rows(z: torch.Tensor, y: torch.Tensor, head: str, s: float, name: str, **k: float):
+    """The robust presets from their papers' formulas, in float64 from the cross-entropy rows."""
+    logits = z.double() * scale_of(head, s)
+    probs = torch.softmax(logits, 1)
+    out = []
+    for i, (r, t) in enumerate(zip(ref_cross_entropy_rows(logits, y), y.tolist(), strict=True)):
+        p = math.exp(-r)
+        if name == "gce":
+            out.append((1 - p ** k["q"]) / k["q"])
+        elif name == "mae":  # L1 between the one-hot label and the softmax
+            out.append(sum(abs((j == t) - probs[i, j].item()) for j in range(z.shape[1])))
+        elif name == "sce":  # the reference's RCE: -sum_k p_k log(clamp(onehot_k, 1e-4, 1))
+            rce = -sum(probs[i, j].item() * math.log(1.0 if j == t else 1e-4) for j in range(z.shape[1]))
+            out.append(k["alpha"] * r + k["beta"] * rce)
+        else:
+            out.append(r + k["poly_epsilon"] * (1 - p))
+    return out
+
+
+@pytest.mark.parametrize(("head", "scale"), [("linear", 1.0), ("cosine", 16.0)])
+def test_robust_and_polynomial_presets_match_references(head: str, scale: float) -> None:
+    gen = torch.Generator().manual_seed(11)
+    z, y = random_outputs(head, 48, 7, gen, spread=4.0)
+    cases = [
+        ("gce", {"q": 0.7}),
+        ("gce", {"q": 0.3}),
+        ("gce", {"q": 1.0}),
+        ("mae", {}),
+        ("sce", {"alpha": 0.1, "beta": 1.0}),
+        ("sce", {"alpha": 1.0, "beta": 0.5}),
+        ("poly1", {"poly_epsilon": 1.0}),
+        ("poly1", {"poly_epsilon": -0.5}),
+    ]
+    for name, k in cases:
+        init = InitSpec(preset=name, **k)  # type: ignore[arg-type]
+        rows = build_loss(preset_program(init), head, scale, reduction="none")(z, y)
+        want = torch.tensor(ref_target_probability_rows(z, y, head, scale, name, **k), dtype=torch.float32)
+        torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-6)
+    eps = InitSpec(preset="label-smoothing", smoothing=0.2)
+    got = build_loss(preset_program(eps), head, scale)(z, y).item()
+    assert got == pytest.approx(ref_label_smoothing(z, y, head, scale, 0.2), rel=1e-5)
+
+
+def test_bounded_presets_are_bounded_and_ignore_hopeless_rows() -> None:
+    """tau(0) > 0 (gce, mae) bounds the loss and takes the gradient of a hopeless row to 0; CE does not."""
+    z = torch.tensor([[-30.0, 30.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0])
+    for name, bound, tau0 in (("gce", 1 / 0.7, math.exp(-1 / 0.7)), ("mae", 2.0, math.exp(-2.0))):
+        program = preset_program(InitSpec(preset=name))
+        assert evaluate(program, "tau", 0.0) == pytest.approx(tau0)
+        loss = build_loss(program, "linear", 1.0)(z, y)
+        (g,) = torch.autograd.grad(loss, z)
+        assert loss.item() == pytest.approx(bound, rel=1e-6) and g.abs().max() < 1e-20
+    ce = build_loss(preset_program(InitSpec()), "linear", 1.0)(z, y)
+    (g,) = torch.autograd.grad(ce, z)
+    assert ce.item() > 59 and g[0, 0].item() == pytest.approx(-1.0)
+
+
+def test_class_balanced_weights_follow_the_effective_number() -> None:
+    counts = [1000, 100, 10]
+    beta = 0.999
+    raw = [(1 - beta) / (1 - beta**n) for n in counts]
+    w = class_balanced_weights(counts, beta)
+    assert w == pytest.approx([r * 3 / sum(raw) for r in raw])
+    assert sum(w) / 3 == pytest.approx(1.0) and w[0] < w[1] < w[2]
+    assert class_balanced_weights([50, 50], 0.99) == pytest.approx([1.0, 1.0])
+    gen = torch.Generator().manual_seed(5)
+    z, y = random_outputs("linear", 64, 3, gen, spread=2.0)
+    for name in ("softmax", "focal", "gce"):
+        init = InitSpec(preset=name, class_balance=beta)
+        program = preset_program(init)
+        assert program["classBalance"] == beta
+        with pytest.raises(ValueError, match="class counts"):
+            build_loss(program, "linear", 1.0)
+        got = build_loss(program, "linear", 1.0, class_counts=counts)(z, y)
+        plain = build_loss(preset_program(InitSpec(preset=name)), "linear", 1.0, reduction="none")(z, y)
+        want = (plain * torch.tensor(w)[y]).mean()
+        torch.testing.assert_close(got, want)
+    # searched programs carry it too
+    cfg = cfg_for("linear", 3)
+    rows = build_loss(
+        AMLFS.program(AMLFS.identity(cfg), cfg) | {"classBalance": beta}, "linear", 1.0, class_counts=counts
+    )(z, y)
+    torch.testing.assert_close(rows, (F.cross_entropy(z, y, reduction="none") * torch.tensor(w)[y]).mean())
+
+
 # --- warm starts ------------------------------------------------------------------------------------
 
 
@@ -254,6 +340,26 @@ def test_focal_warm_start_is_close(parameterization: str, m: int, gamma: float) 
     diff = (warm(z, y) - exact(z, y)).abs()
     assert (diff <= eps + 1e-4).all()
     assert diff.max() > 0.01
+
+
+@pytest.mark.parametrize("parameterization", PARAMS)
+@pytest.mark.parametrize("preset", ["gce", "mae", "sce", "poly1", "label-smoothing"])
+def test_robust_warm_starts_interpolate_tau_where_representable(parameterization: str, preset: str) -> None:
+    init = InitSpec(preset=preset)  # type: ignore[arg-type]
+    cfg = cfg_for("linear", 6, parameterization)
+    bounded = preset in ("gce", "mae")
+    if preset == "label-smoothing" or (bounded and parameterization == "monotone"):
+        with pytest.raises(ValueError, match=r"representable|tau\(0\)"):
+            AMLFS.from_preset(init, cfg)
+        return
+    program = AMLFS.program(AMLFS.from_preset(init, cfg), cfg)
+    for k in range(7):
+        assert evaluate(program, "tau", k / 6) == pytest.approx(preset_tau(init, k / 6), rel=1e-9, abs=1e-12)
+    assert (evaluate(program, "tau", 0.0) > 0.1) == bounded
+    # so the warm loss is bounded exactly when the preset is
+    z = torch.tensor([[-30.0, 30.0, 0.0]])
+    warm = build_loss(program, "linear", 1.0)(z, torch.tensor([0])).item()
+    assert (warm < 5.0) == bounded
 
 
 # --- the module applies exactly the program's t and tau ------------------------------------------------

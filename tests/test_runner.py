@@ -11,7 +11,7 @@ import yaml
 from amlfs import storage
 from amlfs.cli import main
 from amlfs.runner import LocalRunner
-from amlfs.spec import parse_manifest
+from amlfs.spec import SpecError, parse_manifest
 from amlfs.status import LossSearchStatus
 
 MANIFEST = {
@@ -117,3 +117,16 @@ def test_changed_search_space_is_refused_on_resume(tmp_path, capsys):
     assert main(["run", str(f), "--workdir", str(tmp_path), "--quiet", "--no-report"]) == 0
     st = LossSearchStatus.model_validate_json((tmp_path / "tiny" / "status.json").read_text())
     assert st.epoch == 2 and [h.epoch for h in st.history] == [0, 1]
+
+
+def test_resume_accepts_a_spec_written_before_new_fields_existed(tmp_path):
+    runner = LocalRunner(parse_manifest(MANIFEST), tmp_path)
+    runner.dir.mkdir(parents=True)
+    old = json.loads(runner.spec.model_dump_json(by_alias=True))
+    del old["search"]["commonRandomNumbers"]  # a spec.json from before the field: counts with its default
+    runner.spec_path.write_text(json.dumps(old))
+    assert runner.load() is None
+    old["search"]["commonRandomNumbers"] = True
+    runner.spec_path.write_text(json.dumps(old))
+    with pytest.raises(SpecError, match=r"spec.search.commonRandomNumbers: changed"):
+        runner.load()

@@ -78,6 +78,10 @@ BAD = [
     ({"spec.search.sampelsPerEpoch": 4}, "spec.search.sampelsPerEpoch", "remove it"),
     ({"spec.storage.uri": "ftp://x/y"}, "spec.storage", "s3://bucket/prefix"),
     ({"spec.search.init.preset": "arcface"}, "spec", "model.head: cosine"),
+    ({"spec.search.init.preset": "label-smoothing"}, "spec", "search.mode: selection-only"),
+    ({"spec.search.init.preset": "gce"}, "spec", "search.parameterization: paper"),
+    ({"spec.search.init.q": 0}, "spec.search.init.q", "> 0"),
+    ({"spec.search.init.classBalance": 1.0}, "spec.search.init.classBalance", "< 1"),
     ({"kind": "Pod"}, "kind", "LossSearch"),
     ({"metadata.name": "Bad_Name"}, "metadata.name", "lowercase"),
 ]

@@ -13,8 +13,11 @@ import torch
 
 from amlfs import storage
 from amlfs.spaces import SpaceConfig, get_space
-from amlfs.spec import LossSearchSpec, spec_to_json
+from amlfs.spec import InitSpec, LossSearchSpec, spec_to_json
 from amlfs_trainer.cli import EXIT_CONFIG, EXIT_OK, main
+from amlfs_trainer.data import load_task
+from amlfs_trainer.models import build_model
+from amlfs_trainer.train import sample_seed
 
 SPEC = LossSearchSpec.model_validate(
     {
@@ -61,7 +64,7 @@ def test_one_epoch_then_the_next_from_its_checkpoint(tmp_path):
     local = Path(storage.parse(r0["checkpoint"]).key)
     assert storage.sha256_file(local) == r0["sha256"]
     ck = torch.load(local, weights_only=False)
-    assert ck["epoch"] == 1 and set(ck) >= {"model", "optimizer", "scheduler", "rng"}
+    assert ck["epoch"] == 1 and set(ck) >= {"model", "optimizer", "scheduler"}
     assert ck["optimizer"]["state"], "momentum buffers must be saved"
     steps0 = ck["scheduler"]["last_epoch"]
     assert steps0 == r0["steps"] == 8  # 256 examples / batch 32
@@ -107,6 +110,50 @@ def test_samples_are_reproducible_and_differ_from_each_other(tmp_path):
     wc = torch.load(Path(storage.parse(rc["checkpoint"]).key), weights_only=False)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa), "sample 1 must see another data order"
+
+
+def test_common_random_numbers_share_the_data_order_except_in_selection_only(tmp_path):
+    crn = SPEC.search.model_copy(update={"common_random_numbers": True})
+    assert sample_seed(crn, 3, 2) == sample_seed(crn, 3, 0) == sample_seed(SPEC.search, 3, 0)
+    assert sample_seed(crn, 3, 0) != sample_seed(crn, 4, 0)
+    assert sample_seed(SPEC.search, 3, 2) != sample_seed(SPEC.search, 3, 0)
+    sel = crn.model_copy(update={"mode": "selection-only"})
+    assert sample_seed(sel, 3, 2) != sample_seed(sel, 3, 0)
+    spec = SPEC.model_copy(update={"search": crn})
+    outs = [f"file://{tmp_path}/{name}" for name in ("a", "b")]
+    assert main(args(tmp_path, 0, 0, outs[0], spec=spec)) == EXIT_OK
+    assert main(args(tmp_path, 0, 3, outs[1], spec=spec)) == EXIT_OK
+    wa, wb = (torch.load(Path(storage.parse(f"{o}/checkpoint.pt").key), weights_only=False)["model"] for o in outs)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "same loss and common random numbers: same epoch"
+
+
+@pytest.mark.parametrize("kind", ["neg-val-loss", "accuracy+loss"])
+def test_reward_from_the_validation_cross_entropy(tmp_path, kind):
+    spec = SPEC.model_copy(update={"search": SPEC.search.model_copy(update={"reward": kind})})
+    out = f"file://{tmp_path}/r"
+    theta = [0.3] * len(identity())  # not cross-entropy: the validation loss is cross-entropy all the same
+    assert main(args(tmp_path, 0, 0, out, "--theta", json.dumps(theta), spec=spec)) == EXIT_OK
+    r = storage.read_json(f"{out}/result.json")
+    acc, loss = r["valAccuracy"], r["valLoss"]
+    assert loss > 0 and r["reward"] == pytest.approx(-loss if kind == "neg-val-loss" else acc - 0.01 * loss)
+    # plain cross-entropy of the saved model on the validation split
+    data = load_task(spec.task, torch.device("cpu"))
+    model = build_model(spec.model, data.num_classes, data.input_shape)
+    model.load_state_dict(torch.load(Path(storage.parse(r["checkpoint"]).key), weights_only=False)["model"])
+    model.eval()
+    with torch.no_grad():
+        xs, ys = zip(*data.eval_batches("val", 10_000), strict=True)
+        ce = torch.nn.functional.cross_entropy(model(torch.cat(xs)), torch.cat(ys)).item()
+    assert loss == pytest.approx(ce, rel=1e-5)
+
+
+def test_fixed_preset_with_class_balance_trains(tmp_path):
+    init = InitSpec(preset="sce", class_balance=0.999)
+    spec = SPEC.model_copy(update={"search": SPEC.search.model_copy(update={"mode": "selection-only", "init": init})})
+    out = f"file://{tmp_path}/cb"
+    assert main(args(tmp_path, 0, 0, out, spec=spec)) == EXIT_OK
+    r = storage.read_json(f"{out}/result.json")
+    assert r["status"] == "ok" and r["program"]["name"] == "sce" and r["program"]["classBalance"] == 0.999
 
 
 def test_non_finite_loss_ends_the_sample_without_reward(tmp_path):

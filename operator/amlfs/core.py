@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from amlfs import reinforce
 from amlfs.contract import CHECKPOINT
-from amlfs.spaces import SpaceConfig, get_space, preset_program
+from amlfs.spaces import SpaceConfig, get_space, preset_program, with_class_balance
 from amlfs.spec import LossSearchSpec
 from amlfs.status import (
     HISTORY_LIMIT,
@@ -144,13 +144,18 @@ def initial_mu(spec: LossSearchSpec) -> list[float]:
     space, cfg = get_space(spec.search.space), space_config(spec)
     if spec.search.init.preset == "softmax":
         return space.identity(cfg)
-    return space.from_preset(spec.search.init, cfg)
+    try:
+        return space.from_preset(spec.search.init, cfg)
+    except ValueError:
+        if spec.search.mode == "selection-only":  # mu is only reported there; the samples train the exact preset
+            return space.identity(cfg)
+        raise
 
 
 def program_for(spec: LossSearchSpec, theta: list[float]) -> dict[str, Any]:
     if spec.search.mode == "selection-only":
         return preset_program(spec.search.init, spec.optimizer.label_smoothing)
-    return get_space(spec.search.space).program(theta, space_config(spec))
+    return with_class_balance(get_space(spec.search.space).program(theta, space_config(spec)), spec.search.init)
 
 
 def initial_status(spec: LossSearchSpec) -> LossSearchStatus:
@@ -284,8 +289,10 @@ def _close_epoch(s: _Step) -> None:
     assert best_i is not None
     bx = st.samples[best_i]
     old_mu = list(st.mu)
+    update = reinforce.update_rewards(rewards, [x.state == "NoReward" for x in st.samples], spec.search.elitism)
     if spec.search.mode == "search":
-        grad = reinforce.reinforce_gradient(st.mu, [st.samples[i].theta for i in got], valid, st.sigma)
+        used = [(st.samples[i].theta, r) for i, r in enumerate(update) if r is not None]
+        grad = reinforce.reinforce_gradient(st.mu, [t for t, _ in used], [r for _, r in used], st.sigma)
         if grad is not None:
             st.mu, st.adam = reinforce.adam_ascent(st.mu, grad, st.adam, spec.search.lr)
             if spec.search.mu_bound > 0:
@@ -304,6 +311,7 @@ def _close_epoch(s: _Step) -> None:
     full = record.model_dump(mode="json", by_alias=True) | {
         "thetas": [x.theta for x in st.samples],
         "states": [x.state for x in st.samples],
+        "updateRewards": update if spec.search.mode == "search" else [],
         "muBefore": old_mu,
         "muAfter": list(st.mu),
         "checkpoint": bx.checkpoint,

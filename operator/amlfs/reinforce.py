@@ -38,10 +38,29 @@ def normalized(rewards: list[float]) -> list[float] | None:
     return [(r - mean) / sd for r in rewards]
 
 
+LOSS_TIE_BREAK = 0.01
+"""Weight of the validation cross-entropy in the accuracy+loss reward."""
+
+
+def reward_value(kind: str, accuracy: float, loss: float) -> float:
+    """A sample's reward from its validation accuracy and (plain cross-entropy) loss; see spec.search.reward."""
+    if kind == "accuracy":
+        return accuracy
+    if kind == "accuracy+loss":
+        return accuracy - LOSS_TIE_BREAK * loss
+    if kind == "neg-val-loss":
+        return -loss
+    raise ValueError(f"search.reward: unknown reward {kind!r}; use accuracy, accuracy+loss or neg-val-loss")
+
+
 def reinforce_gradient(
     mu: list[float], thetas: list[list[float]], rewards: list[float], sigma: float
 ) -> list[float] | None:
-    """Score-function estimate of d E[R] / d mu = E[z (theta - mu) / sigma^2] over the rewarded samples."""
+    """Score-function estimate of d E[R] / d mu = E[z (theta - mu) / sigma^2] over the samples given.
+
+    Pass only the sampled (noisy) thetas: an elite sample (theta = mu) adds nothing to the sum but would
+    shift the mean and scale of the z-scores (see `update_rewards`).
+    """
     z = normalized(rewards)
     if z is None:
         return None
@@ -51,6 +70,42 @@ def reinforce_gradient(
         for k, (t, m) in enumerate(zip(th, mu, strict=True)):
             grad[k] += zi * (t - m) / (sigma * sigma) / n
     return grad
+
+
+FLOOR_MARGIN = 0.01
+"""Smallest gap between the worst finite reward of an epoch and the floor given to a diverged sample."""
+
+
+def diverged_floor(valid: list[float]) -> float:
+    """The reward a diverged sample counts with in the update: the epoch's worst finite reward minus the
+    spread of its finite rewards (at least FLOOR_MARGIN), so it ranks clearly below every sample that trained."""
+    lo, hi = min(valid), max(valid)
+    return lo - max(hi - lo, FLOOR_MARGIN)
+
+
+def update_rewards(rewards: list[float | None], diverged: list[bool], elitism: bool) -> list[float | None]:
+    """The reward each sample of an epoch counts with in the REINFORCE update (None: left out).
+
+    * A sample that trained counts with its reward.
+    * A diverged sample (loss or weights non-finite) counts with `diverged_floor` of the epoch's finite
+      rewards, so the update moves mu away from losses that blow up instead of ignoring them.
+    * Failures of the infrastructure (neither rewarded nor diverged) are left out: they say nothing
+      about the loss.
+    * With elitism, sample 0 (theta = mu) is left out: its score term is zero, and inside the z-scores it
+      only moves their mean and scale. (Rewards [0.9, 0.8, 0.8, 0.8] would otherwise give the three
+      sampled thetas equal negative weights and push mu against their sum, a random direction.)
+    """
+    valid = [r for r in rewards if r is not None]
+    floor = diverged_floor(valid) if valid else None
+    out: list[float | None] = []
+    for i, (r, bad) in enumerate(zip(rewards, diverged, strict=True)):
+        if elitism and i == 0:
+            out.append(None)
+        elif r is not None:
+            out.append(r)
+        else:
+            out.append(floor if bad else None)
+    return out
 
 
 def adam_ascent(

@@ -24,7 +24,18 @@ from amlfs.contract import EXIT_CONFIG
 from amlfs.spec import LossSearch, LossSearchSpec, SpecError
 from amlfs.status import LossSearchStatus
 
-IMMUTABLE = ("space", "parameterization", "intervals", "mode", "seed", "sigma", "init", "logitRange")
+IMMUTABLE = (
+    "space",
+    "parameterization",
+    "intervals",
+    "mode",
+    "seed",
+    "sigma",
+    "init",
+    "logitRange",
+    "commonRandomNumbers",
+    "reward",
+)
 
 
 class _Finished:
@@ -101,6 +112,8 @@ class LocalRunner:
 
     def _check_same_search(self, old: dict) -> None:
         new = json.loads(self.spec.model_dump_json(by_alias=True))
+        with contextlib.suppress(ValueError):  # fields added since the search began count with their defaults
+            old = json.loads(LossSearchSpec.model_validate(old).model_dump_json(by_alias=True))
         for key in IMMUTABLE:
             if old.get("search", {}).get(key) != new["search"].get(key):
                 raise SpecError(

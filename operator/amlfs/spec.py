@@ -19,10 +19,12 @@ from pydantic.alias_generators import to_camel
 API_VERSION = "amlfs.io/v1alpha1"
 KIND = "LossSearch"
 
+BOUNDED_PRESETS = ("gce", "mae")  # tau(0) > 0: the monotone parameterisation (tau(0) = 0) cannot start there
+
 Dataset = Literal["digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"]
 ModelName = Literal["mlp", "small-cnn", "cnn1d", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50"]
 SpaceName = Literal["amlfs", "search-softmax"]
-PresetName = Literal["softmax", "cosface", "arcface", "focal"]
+PresetName = Literal["softmax", "cosface", "arcface", "focal", "gce", "mae", "sce", "label-smoothing", "poly1"]
 
 STORAGE_URI = re.compile(r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+|/.+)$")
 NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -60,8 +62,59 @@ class Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
+class LabelNoiseSpec(Model):
+    """Label noise for robustness studies: applied, seeded, to the training and validation splits, never test."""
+
+    type: Literal["symmetric", "pairflip"] = Field(
+        "symmetric",
+        description="symmetric: a noisy label is drawn uniformly from the other classes. pairflip: class c "
+        "becomes c + 1 (mod the number of classes).",
+    )
+    rate: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the training and validation examples whose label is replaced "
+        "(exactly round(rate x n) of them); 0: clean.",
+    )
+    seed: int = Field(0, ge=0, description="Seed of which examples are relabelled and how.")
+
+
+class ImbalanceSpec(Model):
+    """A long-tailed training set for robustness studies: applied, seeded, to training and validation, never test."""
+
+    ratio: float = Field(
+        1.0,
+        ge=1.0,
+        le=10000.0,
+        description="Examples of the largest class over those of the smallest (1: as loaded). Class c of C "
+        "keeps round(n x ratio^(-c/(C-1))) examples, n the smallest class's count as loaded.",
+    )
+    profile: Literal["exponential"] = Field("exponential", description="How counts fall from class 0 to class C-1.")
+    seed: int = Field(0, ge=0, description="Seed of which examples each class keeps.")
+
+
 class TaskSpec(Model):
     """What to train on."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            {
+                "rule": "self.?dataset.orValue('digits') != 'imagefolder' "
+                "|| (self.?labelNoise.?rate.orValue(0.0) == 0.0 && self.?imbalance.?ratio.orValue(1.0) == 1.0)",
+                "message": "spec.task.labelNoise and spec.task.imbalance apply to in-memory datasets only; "
+                "use another dataset or set labelNoise.rate: 0 and imbalance.ratio: 1",
+                "fieldPath": ".labelNoise",
+            },
+            {
+                "rule": "self.?labelNoise.?type.orValue('symmetric') != 'pairflip' "
+                "|| self.?labelNoise.?rate.orValue(0.0) < 0.5",
+                "message": "spec.task.labelNoise.rate must be below 0.5 for pairflip noise (the flipped class would "
+                "become the majority label); lower the rate",
+                "fieldPath": ".labelNoise.rate",
+            },
+        )
+    )
 
     dataset: Dataset = Field(
         "digits", description="Dataset name: digits, mnist1d, cifar10, cifar100, mnist, fashion-mnist or imagefolder."
@@ -86,6 +139,19 @@ class TaskSpec(Model):
     augment: bool = Field(True, description="Standard augmentation (random crop + flip for CIFAR-style images).")
     train_limit: int = Field(0, ge=0, description="Use at most this many training examples (0: all). For smoke tests.")
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader workers, for imagefolder only.")
+    label_noise: LabelNoiseSpec = Field(default_factory=LabelNoiseSpec)
+    imbalance: ImbalanceSpec = Field(default_factory=ImbalanceSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskSpec:
+        if self.dataset == "imagefolder" and (self.label_noise.rate > 0 or self.imbalance.ratio > 1):
+            raise ValueError("labelNoise and imbalance apply to in-memory datasets only, not imagefolder")
+        if self.label_noise.type == "pairflip" and self.label_noise.rate >= 0.5:
+            raise ValueError(
+                f"labelNoise.rate {self.label_noise.rate} must be below 0.5 for pairflip noise "
+                "(the flipped class would become the majority label)"
+            )
+        return self
 
 
 class ModelSpec(Model):
@@ -132,13 +198,31 @@ class OptimizerSpec(Model):
 
 
 class InitSpec(Model):
-    """Where the loss distribution's mean starts: a named preset approximated in the search space."""
+    """The init loss: where the loss distribution's mean starts (search mode: a preset approximated in the
+    search space) and the exact loss every sample trains with in selection-only mode."""
 
     preset: PresetName = Field(
-        "softmax", description="softmax (identity: plain cross-entropy), cosface, arcface or focal."
+        "softmax",
+        description="softmax (identity: plain cross-entropy), cosface, arcface, focal, gce (generalised "
+        "cross-entropy (1 - p^q)/q), mae (2(1 - p)), sce (symmetric CE: alpha CE + beta RCE), "
+        "label-smoothing (selection-only mode) or poly1 (CE + epsilon (1 - p)).",
     )
     margin: float = Field(0.35, ge=0.0, le=1.5, description="cosface/arcface margin m.")
     gamma: float = Field(2.0, ge=0.0, le=10.0, description="focal gamma.")
+    q: float = Field(0.7, gt=0.0, le=1.0, description="gce exponent q (q -> 0: cross-entropy, q = 1: MAE / 2).")
+    alpha: float = Field(0.1, ge=0.0, le=10.0, description="sce weight of cross-entropy.")
+    beta: float = Field(1.0, ge=0.0, le=10.0, description="sce weight of reverse cross-entropy -ln(1e-4) (1 - p).")
+    smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label-smoothing epsilon.")
+    poly_epsilon: float = Field(1.0, ge=-1.0, le=10.0, description="poly1 epsilon.")
+    class_balance: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Class-balanced weighting (Cui et al., CVPR 2019) of every loss of the search (the "
+        "preset in selection-only mode, each sampled loss in search mode): class c weighs "
+        "(1 - beta) / (1 - beta^n_c), n_c its training examples, normalised to mean 1 over classes. "
+        "This is that beta (e.g. 0.999); 0: off.",
+    )
 
 
 class SearchSpec(Model):
@@ -240,6 +324,13 @@ class SearchSpec(Model):
         json_schema_extra=cel(immutable("spec.search.seed", "the search replays from it")),
     )
     elitism: bool = Field(True, description="Sample 0 of every epoch is mu itself.")
+    common_random_numbers: bool = Field(
+        False,
+        description="search mode: the B samples of an epoch see the same batch order, augmentation and "
+        "dropout (drawn from seed and epoch), so their rewards differ by the loss alone. selection-only "
+        "mode always gives each sample its own order (its samples differ by nothing else).",
+        json_schema_extra=cel(immutable("spec.search.commonRandomNumbers", "the search replays from it")),
+    )
     mu_bound: float = Field(
         1.0,
         ge=0.0,
@@ -247,6 +338,14 @@ class SearchSpec(Model):
         description="Trust region: every coordinate of mu stays within "
         "muBound of its initial value, so noisy rewards cannot drift the loss far away "
         "(0: unbounded, as in the paper).",
+    )
+    reward: Literal["accuracy", "accuracy+loss", "neg-val-loss"] = Field(
+        "accuracy",
+        description="What a sample is rewarded (and the best sample chosen) by, on the validation split: "
+        "accuracy; accuracy+loss: accuracy minus 0.01 x cross-entropy (the loss breaks ties between equal "
+        "accuracies); neg-val-loss: minus the cross-entropy. The validation loss is always plain "
+        "cross-entropy, whatever loss the sample trained with, so samples stay comparable.",
+        json_schema_extra=cel(immutable("spec.search.reward", "rewards of different epochs are compared")),
     )
     min_samples: int = Field(1, ge=1, description="An epoch closes only with at least this many rewards.")
     max_retries: int = Field(2, ge=0, le=20, description="Re-runs of a sample that failed transiently.")
@@ -340,6 +439,23 @@ class LossSearchSpec(Model):
                 "fieldPath": ".search.init.preset",
             },
             {
+                "rule": "self.?search.?mode.orValue('search') != 'search' "
+                "|| self.?search.?init.?preset.orValue('') != 'label-smoothing'",
+                "message": "spec.search.init.preset label-smoothing is not a loss of the target probability, so no "
+                "search space can start from it; use it with search.mode: selection-only",
+                "fieldPath": ".search.init.preset",
+            },
+            {
+                "rule": "self.?search.?mode.orValue('search') != 'search' "
+                "|| self.?search.?space.orValue('amlfs') != 'amlfs' "
+                "|| self.?search.?parameterization.orValue('monotone') != 'monotone' "
+                "|| !(self.?search.?init.?preset.orValue('') in ['gce', 'mae'])",
+                "message": "spec.search.init.preset gce and mae are bounded (tau(0) > 0), which the monotone "
+                "parameterization cannot express; use search.parameterization: paper, or "
+                "search.mode: selection-only",
+                "fieldPath": ".search.init.preset",
+            },
+            {
                 "rule": "self.?search.?space.orValue('') != 'search-softmax' || self.?search.?mode.orValue('') != "
                 "'search' || self.?search.?init.?preset.orValue('softmax') == 'softmax'",
                 "message": "spec.search.init.preset must be softmax when spec.search.space is search-softmax "
@@ -369,6 +485,21 @@ class LossSearchSpec(Model):
             raise ValueError("search.init.preset arcface needs model.head: cosine")
         if self.search.space == "search-softmax" and self.search.mode == "search" and init.preset != "softmax":
             raise ValueError(f"search.init.preset {init.preset} is not representable in search-softmax; use softmax")
+        if self.search.mode == "search" and init.preset == "label-smoothing":
+            raise ValueError(
+                "search.init.preset label-smoothing is not a loss of the target probability, so no search space "
+                "can start from it; use it with search.mode: selection-only"
+            )
+        if (
+            self.search.mode == "search"
+            and self.search.space == "amlfs"
+            and self.search.parameterization == "monotone"
+            and init.preset in BOUNDED_PRESETS
+        ):
+            raise ValueError(
+                f"search.init.preset {init.preset} is bounded (tau(0) > 0), which the monotone parameterization "
+                "cannot express; use search.parameterization: paper, or search.mode: selection-only"
+            )
         return self
 
 

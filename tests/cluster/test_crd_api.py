@@ -95,7 +95,7 @@ def test_kubectl_explain_teaches_the_spec(cluster, losssearch_crd):
     assert "samplesPerEpoch <integer>" in out and "B, samples of the loss per epoch." in out
     assert "Adam learning rate on mu." in out
     deep = " ".join(cluster.kubectl("explain", "lfs.spec.search.init.preset").stdout.split())
-    assert "softmax (identity: plain cross-entropy), cosface, arcface or focal." in deep
+    assert "softmax (identity: plain cross-entropy), cosface, arcface, focal, gce" in deep
     top = " ".join(cluster.kubectl("explain", "losssearch").stdout.split())
     assert "AM-LFS loss-function search" in top
 
@@ -213,6 +213,24 @@ INVALID = [
         {"search": {"space": "search-softmax", "init": {"preset": "cosface"}}},
         None,
         ["spec.search.init.preset must be softmax when spec.search.space is search-softmax"],
+    ),
+    (
+        "label-smoothing-search",
+        {"search": {"init": {"preset": "label-smoothing"}}},
+        None,
+        ["spec.search.init.preset label-smoothing is not a loss of the target probability"],
+    ),
+    (
+        "gce-monotone",
+        {"search": {"init": {"preset": "gce"}}},
+        None,
+        ["spec.search.init.preset gce and mae are bounded (tau(0) > 0)"],
+    ),
+    (
+        "pairflip-half",
+        {"task": {"labelNoise": {"type": "pairflip", "rate": 0.5}}},
+        None,
+        ["spec.task.labelNoise.rate must be below 0.5 for pairflip noise"],
     ),
     ("val-fraction-1", {"task": {"valFraction": 1.0}}, None, ["spec.task.valFraction", "should be less than 1"]),
     ("seed-negative", {"search": {"seed": -1}}, None, ["spec.search.seed", "should be greater than or equal to 0"]),

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from amlfs.contract import ConfigError
 from amlfs.spec import TaskSpec
+from amlfs_trainer.corruption import corrupt
 
 SPLITS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -264,6 +265,7 @@ def load_task(task: TaskSpec, device: torch.device, cache_dir: Path | None = Non
         arrays = _load_mnist_like(task, _resolve_root(task, cache), cache)
     _check_labels(arrays[1], info, task)
     _check_labels(arrays[3], info, task)
+    arrays = corrupt(arrays, task, info.num_classes)  # task.imbalance, task.labelNoise: train+val only
     return InMemoryTaskData(_to_splits(*arrays, task, device), info, device, task.augment)
 
 

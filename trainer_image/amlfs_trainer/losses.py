@@ -15,7 +15,13 @@ Program kinds:
   beyond [lo, hi]), exactly as ``amlfs.spaces.base.evaluate``. ``tau`` lives on [0, 1].
 * ``search-softmax`` (Wang et al., ICML 2020): ``L = -log p_m``, ``p_m = p / (a p + 1 - a)`` with
   ``a = a[bin(p)]``, K equal bins of p on [0, 1], ``a <= 0``. No target transform.
-* ``preset``: the exact baseline losses softmax (with label smoothing), cosface, arcface and focal.
+* ``preset``: the exact baseline losses softmax (with label smoothing), label-smoothing, cosface, arcface,
+  focal, gce ``(1 - p^q) / q`` (Zhang & Sabuncu, 2018), mae ``2 (1 - p)``, sce ``alpha CE + beta RCE`` with
+  ``RCE = -ln(1e-4) (1 - p)`` (Wang et al., ICCV 2019) and poly1 ``CE + epsilon (1 - p)`` (Leng et al., 2022).
+
+Any program may carry ``classBalance: beta`` (Cui et al., CVPR 2019): each row's loss is weighted by
+``w_y = (1 - beta) / (1 - beta^n_y)``, ``n_y`` the training examples of its class, normalised so that the
+weights of the classes average 1. `build_loss` then needs ``class_counts``.
 
 Numerics of ``tau`` (piecewise). Every piece is classified once, when the module is built:
 
@@ -71,7 +77,8 @@ TAU_FLOOR: float = 1e-12
 """``tau`` is clamped to this before the log wherever a piece can reach ``tau <= 0``."""
 
 HEADS = ("linear", "cosine")
-PRESETS = ("softmax", "cosface", "arcface", "focal")
+PRESETS = ("softmax", "cosface", "arcface", "focal", "gce", "mae", "sce", "label-smoothing", "poly1")
+RCE_A = math.log(1e-4)  # reverse cross-entropy's log of a zero label (clipped at 1e-4, as in the SCE reference)
 REDUCTIONS = ("mean", "none")
 _NEGLIGIBLE = 2.0**-40
 
@@ -451,11 +458,73 @@ class FocalLoss(nn.Module):
         return _reduce(-weight * logp, z, self.reduction)
 
 
+class TargetProbabilityLoss(nn.Module):
+    """``L = f(log p_y)`` on ``s z`` for the robust presets (all in terms of ``p = p_y``)::
+
+    gce    (1 - p^q) / q                     = -expm1(q log p) / q
+    mae    2 (1 - p)                         = -2 expm1(log p)
+    sce    alpha (-log p) - beta A (1 - p)   A = ln(1e-4)
+    poly1  -log p + epsilon (1 - p)
+    """
+
+    def __init__(self, name: str, head: str, scale: float, params: dict[str, float], reduction: str = "mean") -> None:
+        super().__init__()
+        self.name, self.params = name, params
+        self.scale = float(scale) if head == "cosine" else 1.0
+        self.reduction = reduction
+
+    def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
+        _check_inputs(outputs, target)
+        z = outputs.double() if outputs.dtype == torch.float64 else outputs.float()
+        logp = torch.log_softmax(z * self.scale, 1).gather(1, target.long().view(-1, 1)).squeeze(1)
+        one_minus_p = -torch.expm1(logp)
+        k = self.params
+        if self.name == "gce":
+            rows = -torch.expm1(k["q"] * logp) / k["q"]
+        elif self.name == "mae":
+            rows = 2.0 * one_minus_p
+        elif self.name == "sce":
+            rows = -k["alpha"] * logp - k["beta"] * RCE_A * one_minus_p
+        else:  # poly1
+            rows = -logp + k["epsilon"] * one_minus_p
+        return _reduce(rows, z, self.reduction)
+
+
+def class_balanced_weights(counts: Sequence[int], beta: float) -> list[float]:
+    """Cui et al.'s weights (1 - beta) / (1 - beta^n_c) by the effective number of samples, mean 1 over
+    classes; a class without examples gets the largest weight (it never occurs in a batch anyway)."""
+    raw = [(1.0 - beta) / (1.0 - beta**n) if n > 0 else math.nan for n in counts]
+    top = max((w for w in raw if not math.isnan(w)), default=1.0)
+    raw = [top if math.isnan(w) else w for w in raw]
+    mean = sum(raw) / len(raw)
+    return [w / mean for w in raw]
+
+
+class ClassBalanced(nn.Module):
+    """Rows of an inner loss weighted by their class: ``mean_i w_{y_i} L_i`` (or the weighted rows)."""
+
+    weight: Tensor
+
+    def __init__(self, inner: nn.Module, weights: Sequence[float], reduction: str = "mean") -> None:
+        super().__init__()
+        self.inner, self.reduction = inner, reduction
+        self.register_buffer("weight", torch.tensor(list(weights), dtype=torch.float32), persistent=False)
+
+    def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
+        if self.weight.device != outputs.device:
+            self.weight = self.weight.to(outputs.device)
+        rows = self.inner(outputs, target)
+        rows = rows * self.weight.to(rows.dtype)[target.long()]
+        return rows.mean() if self.reduction == "mean" else rows
+
+
 # --- entry point ---------------------------------------------------------------------------------
+
+_PRESET_FIELDS = ("kind", "name", "margin", "gamma", "labelSmoothing", "q", "alpha", "beta", "epsilon")
 
 
 def _preset(program: dict[str, Any], head: str, scale: float, reduction: str) -> nn.Module:
-    _mapping(program, "program", ("kind", "name", "margin", "gamma", "labelSmoothing"), ("kind", "name"))
+    _mapping(program, "program", _PRESET_FIELDS, ("kind", "name"))
     name = program["name"]
     if name not in PRESETS:
         raise ValueError(f"program.name: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
@@ -468,8 +537,18 @@ def _preset(program: dict[str, Any], head: str, scale: float, reduction: str) ->
         raise ValueError(f"program.gamma: must be >= 0, got {gamma}")
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"program.labelSmoothing: must be in [0, 1), got {eps}")
-    if name == "softmax":
+    if name in ("softmax", "label-smoothing"):
         return SoftmaxLoss(head, scale, eps, reduction)
+    if name in ("gce", "mae", "sce", "poly1"):
+        defaults = {"gce": {"q": 0.7}, "mae": {}, "sce": {"alpha": 0.1, "beta": 1.0}, "poly1": {"epsilon": 1.0}}
+        params = {k: _number(program.get(k, v), f"program.{k}") for k, v in defaults[name].items()}
+        if name == "gce" and not 0.0 < params["q"] <= 1.0:
+            raise ValueError(f"program.q: must be in (0, 1], got {params['q']}")
+        if name == "sce" and min(params.values()) < 0:
+            raise ValueError(f"program.alpha/beta: must be >= 0, got {params}")
+        if name == "poly1" and params["epsilon"] < -1.0:
+            raise ValueError(f"program.epsilon: must be >= -1 (the loss must decrease in p), got {params['epsilon']}")
+        return TargetProbabilityLoss(name, head, scale, params, reduction)
     if name == "cosface":
         return CosFaceLoss(head, scale, margin, reduction)
     if name == "arcface":
@@ -479,12 +558,28 @@ def _preset(program: dict[str, Any], head: str, scale: float, reduction: str) ->
     return FocalLoss(head, scale, gamma, reduction)
 
 
-def build_loss(program: dict[str, Any], head: str, scale: float, *, reduction: str = "mean") -> nn.Module:
+def build_loss(
+    program: dict[str, Any],
+    head: str,
+    scale: float,
+    *,
+    reduction: str = "mean",
+    class_counts: Sequence[int] | None = None,
+) -> nn.Module:
     """The loss of a program: ``module(outputs, target)`` -> float32 (float64 for float64 outputs) loss.
 
-    ``reduction="mean"`` (default) gives the batch mean, ``"none"`` the per-row losses.
+    ``reduction="mean"`` (default) gives the batch mean, ``"none"`` the per-row losses. ``class_counts``
+    (training examples per class) is needed by programs with ``classBalance``.
     ValueError, naming the field, for an unknown kind or a malformed program.
     """
+    if isinstance(program, dict) and "classBalance" in program:
+        beta = _number(program["classBalance"], "program.classBalance")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"program.classBalance: must be in [0, 1), got {beta}")
+        if class_counts is None:
+            raise ValueError("program.classBalance: needs the training split's class counts (class_counts)")
+        inner = build_loss({k: v for k, v in program.items() if k != "classBalance"}, head, scale, reduction="none")
+        return ClassBalanced(inner, class_balanced_weights(class_counts, beta), reduction)
     if head not in HEADS:
         raise ValueError(f"head: expected one of {', '.join(HEADS)}, got {head!r}")
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale > 0):

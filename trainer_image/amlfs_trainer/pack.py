@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -89,7 +87,7 @@ class Member:
 
 @dataclass
 class Outcome:
-    """One member's epoch. `state` (model, optimizer, scheduler, rng) is None without a reward; in the
+    """One member's epoch. `state` (model, optimizer, scheduler) is None without a reward; in the
     sequential path its tensors are the live model's, valid until the next outcome is produced."""
 
     sample: int
@@ -111,17 +109,6 @@ def choose_path(mode: str, device: torch.device, k: int) -> str:
     return mode
 
 
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def train_batches(data: TaskData, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
     """The member's epoch; a trailing batch of fewer than MIN_BATCH examples is dropped (deterministically)."""
     for x, y in data.train_batches(batch_size, generator):
@@ -141,7 +128,6 @@ def train_sequential(start: Start, members: list[Member]) -> Generator[Outcome, 
     for m in members:
         start.reset()
         generator = m.seed()
-        rng = rng_state()
         t0 = time.perf_counter()
         loss, steps, seen, finite, first = _train_one(start, m, generator)
         _sync(start.device)
@@ -156,7 +142,6 @@ def train_sequential(start: Start, members: list[Member]) -> Generator[Outcome, 
                 "model": start.model.state_dict(),
                 "optimizer": start.optimizer.state_dict(),
                 "scheduler": start.scheduler.state_dict(),
-                "rng": rng,
             }
         yield Outcome(m.sample, finite, steps, seen, loss, metrics, state, timings)
 
@@ -318,10 +303,7 @@ class _Stack:
 def train_vectorized(start: Start, members: list[Member]) -> Generator[Outcome, None, None]:
     k, device = len(members), start.device
     stack = _Stack(start, k)
-    generators, rngs = [], []
-    for m in members:
-        generators.append(m.seed())
-        rngs.append(rng_state())
+    generators = [m.seed() for m in members]
     live = torch.ones(k, dtype=torch.bool, device=device)
     ended: dict[int, tuple[int, int]] = {}  # member -> (steps, examples) when its loss went non-finite
     window_loss = torch.zeros(k, device=device)
@@ -383,7 +365,7 @@ def train_vectorized(start: Start, members: list[Member]) -> Generator[Outcome, 
             n_steps, n_seen = ended[i]
             yield Outcome(m.sample, False, n_steps, n_seen, float("nan"), {}, None, dict(timings))
             continue
-        state = stack.member_state(i) | {"rng": rngs[i]}
+        state = stack.member_state(i)
         val = (scores["val"][0][i], scores["val"][1][i])
         test = (scores["test"][0][i], scores["test"][1][i])
         mean = total[i] / max(steps, 1)

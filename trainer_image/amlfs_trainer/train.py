@@ -6,10 +6,11 @@ vectorised); this module is the orchestration. Modelled on torchvision's referen
 reduced to what a per-epoch search needs.
 
 Randomness: the initial weights depend only on the search seed (identical for every sample of epoch 0). A
-member's data order and augmentation depend on (seed, epoch, sample) only (`member_seed`), so the B samples of an
-epoch see different batches (what makes best-of-B selection meaningful), every sample is reproducible on its own,
-and a pack member equals the same sample trained alone. The optimizer and LR-scheduler states carry over between
-epochs through the checkpoint.
+member's data order, augmentation and dropout are seeded afresh from (seed, epoch, sample) (`member_seed`) — or
+(seed, epoch) with `search.commonRandomNumbers` in search mode, so that the B samples differ by their loss alone —
+so every sample is reproducible on its own, a pack member equals the same sample trained alone, and no RNG state
+needs to travel in the checkpoint. The model, optimizer and LR-scheduler states carry over between epochs through
+the checkpoint.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from amlfs import storage
+from amlfs import reinforce, storage
 from amlfs.contract import CHECKPOINT, RESULT, STATUS_NO_REWARD, STATUS_OK, ConfigError
-from amlfs.spec import LossSearchSpec
+from amlfs.spec import LossSearchSpec, SearchSpec
 from amlfs_trainer import pack
+from amlfs_trainer.corruption import class_counts
 from amlfs_trainer.data import TaskData, load_task
 from amlfs_trainer.hardware import bf16_supported, configure, pick_device
 from amlfs_trainer.job import MemberJob, PackJob
@@ -47,8 +49,12 @@ SHARED = ("startup", "import", "checkpoint", "data", "model", "setup")  # timing
 _TASKS: dict[tuple[str, str], TaskData] = {}  # datasets loaded in this process (invocations in one process)
 
 
-def sample_seed(seed: int, epoch: int, sample: int) -> int:
-    digest = hashlib.sha256(f"amlfs-train:{seed}:{epoch}:{sample}".encode()).digest()
+def sample_seed(search: SearchSpec, epoch: int, sample: int) -> int:
+    """Seed of a sample's data order, augmentation and dropout. With common random numbers (search mode
+    only) every sample of the epoch gets sample 0's seed; selection-only samples always differ."""
+    if search.common_random_numbers and search.mode == "search":
+        sample = 0
+    digest = hashlib.sha256(f"amlfs-train:{search.seed}:{epoch}:{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -60,10 +66,10 @@ def seed_everything(seed: int) -> None:
 
 def member_seed(spec: LossSearchSpec, epoch: int, sample: int) -> Callable[[], torch.Generator]:
     """A member's randomness for the epoch: seeds the process RNGs and returns the generator of its data order and
-    augmentation. Depends on (search seed, epoch, sample) alone."""
+    augmentation. Depends on (search seed, epoch, sample) alone (see `sample_seed`)."""
 
     def seed() -> torch.Generator:
-        s = sample_seed(spec.search.seed, epoch, sample)
+        s = sample_seed(spec.search, epoch, sample)
         seed_everything(s)
         return torch.Generator().manual_seed(s)
 
@@ -132,7 +138,7 @@ def run_pack(job: PackJob, started: float | None = None) -> Iterator[dict[str, A
         per_epoch = max(1, train_steps(data.size("train"), spec.task.batch_size))
         optimizer = build_optimizer(spec.optimizer, model_params(model))
         scheduler = build_scheduler(spec.optimizer, optimizer, spec.search.epochs, per_epoch)
-        criteria = [_criterion(m, spec, device) for m in job.members]
+        criteria = [_criterion(m, spec, data, device) for m in job.members]
         job.timings["model"] = time.perf_counter() - t
 
         if ckpt is not None:
@@ -195,9 +201,10 @@ def _one_line(exc: BaseException) -> str:
     return text[:300] or type(exc).__name__
 
 
-def _criterion(m: MemberJob, spec: LossSearchSpec, device: torch.device) -> torch.nn.Module:
+def _criterion(m: MemberJob, spec: LossSearchSpec, data: TaskData, device: torch.device) -> torch.nn.Module:
     try:
-        return build_loss(m.program, spec.model.head, spec.model.scale).to(device)
+        counts = class_counts(data) if "classBalance" in m.program else None
+        return build_loss(m.program, spec.model.head, spec.model.scale, class_counts=counts).to(device)
     except ValueError as exc:
         raise ConfigError(f"sample {m.sample}: its loss program is invalid ({exc})") from None
 
@@ -236,7 +243,10 @@ def _write(
             "message": "the loss or a parameter became non-finite; sample ended without reward",
         }
     else:
-        result |= {"status": STATUS_OK, "reward": outcome.metrics["valAccuracy"], **outcome.metrics}
+        reward = reinforce.reward_value(
+            job.spec.search.reward, outcome.metrics["valAccuracy"], outcome.metrics["valLoss"]
+        )
+        result |= {"status": STATUS_OK, "reward": reward, **outcome.metrics}
         t = time.perf_counter()
         state = {
             **outcome.state,

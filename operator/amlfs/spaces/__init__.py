@@ -2,7 +2,7 @@
 dict the trainer evaluates with PyTorch. Adding a space is one file here plus one line in `REGISTRY`."""
 
 from amlfs.spaces.amlfs_space import AmlfsSpace
-from amlfs.spaces.base import Space, SpaceConfig, evaluate, piece_index, preset_program
+from amlfs.spaces.base import Space, SpaceConfig, evaluate, piece_index, preset_program, with_class_balance
 from amlfs.spaces.search_softmax import SearchSoftmaxSpace
 
 REGISTRY: dict[str, Space] = {s.name: s for s in (AmlfsSpace(), SearchSoftmaxSpace())}
@@ -15,4 +15,13 @@ def get_space(name: str) -> Space:
         raise ValueError(f"unknown search space {name!r}; use one of {sorted(REGISTRY)}") from None
 
 
-__all__ = ["REGISTRY", "Space", "SpaceConfig", "evaluate", "get_space", "piece_index", "preset_program"]
+__all__ = [
+    "REGISTRY",
+    "Space",
+    "SpaceConfig",
+    "evaluate",
+    "get_space",
+    "piece_index",
+    "preset_program",
+    "with_class_balance",
+]

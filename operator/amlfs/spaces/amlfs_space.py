@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 from amlfs.spaces.base import Program, Space, SpaceConfig, preset_t, preset_tau
-from amlfs.spec import InitSpec
+from amlfs.spec import BOUNDED_PRESETS, InitSpec
 
 MIN_SLOPE = 1e-3
 
@@ -86,6 +86,10 @@ class AmlfsSpace(Space):
         return [f"d_t_{k}" for k in range(cfg.intervals + 1)] + [f"u_tau_{k}" for k in m]
 
     def from_preset(self, init: InitSpec, cfg: SpaceConfig) -> list[float]:
+        if init.preset == "label-smoothing":
+            raise ValueError("preset 'label-smoothing' is not a loss of the target probability; not representable")
+        if cfg.parameterization == "monotone" and init.preset in BOUNDED_PRESETS:
+            raise ValueError(f"preset {init.preset!r} has tau(0) > 0; the monotone parameterization keeps tau(0) = 0")
         m = cfg.intervals
         txs = _knots(cfg.t_lo, cfg.t_hi, m)
         pxs = _knots(0.0, 1.0, m)

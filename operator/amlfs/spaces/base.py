@@ -54,15 +54,35 @@ class Space(ABC):
         return [f"theta[{i}]" for i in range(self.dim(cfg))]
 
 
+RCE_A = math.log(1e-4)
+"""Reverse cross-entropy's log of a zero label, clipped at 1e-4 as in the SCE reference: RCE = -A (1 - p)."""
+
+
 def preset_program(init: InitSpec, label_smoothing: float = 0.0) -> Program:
-    """The exact (not approximated) loss of a preset; used by selection-only mode and baselines."""
-    return {
+    """The exact (not approximated) loss of a preset; used by selection-only mode and baselines.
+
+    `label_smoothing` applies to the softmax preset (spec.optimizer.labelSmoothing); the label-smoothing
+    preset carries init.smoothing.
+    """
+    program: Program = {
         "kind": "preset",
         "name": init.preset,
         "margin": init.margin,
         "gamma": init.gamma,
-        "labelSmoothing": label_smoothing,
+        "labelSmoothing": init.smoothing if init.preset == "label-smoothing" else label_smoothing,
     }
+    if init.preset == "gce":
+        program["q"] = init.q
+    elif init.preset == "sce":
+        program |= {"alpha": init.alpha, "beta": init.beta}
+    elif init.preset == "poly1":
+        program["epsilon"] = init.poly_epsilon
+    return with_class_balance(program, init)
+
+
+def with_class_balance(program: Program, init: InitSpec) -> Program:
+    """The program with the init's class-balanced weighting attached (any kind of program)."""
+    return program | {"classBalance": init.class_balance} if init.class_balance > 0 else program
 
 
 # --- preset target functions, used for warm starts ------------------------------------------------
@@ -77,8 +97,18 @@ def preset_t(init: InitSpec, x: float) -> float:
 
 
 def preset_tau(init: InitSpec, p: float) -> float:
+    """tau of the preset, normalised to tau(1) = 1 (L = -log tau(p)). label-smoothing is not of this form
+    (it depends on every class's probability); its target part p is returned."""
     if init.preset == "focal":
         return 0.0 if p <= 0.0 else p ** ((1.0 - p) ** init.gamma)
+    if init.preset == "gce":
+        return math.exp(-(1.0 - p**init.q) / init.q)
+    if init.preset == "mae":
+        return math.exp(-2.0 * (1.0 - p))
+    if init.preset == "sce":
+        return p**init.alpha * math.exp(init.beta * RCE_A * (1.0 - p))
+    if init.preset == "poly1":
+        return p * math.exp(-init.poly_epsilon * (1.0 - p))
     return p
 
 
@@ -107,6 +137,14 @@ def evaluate(program: Program, which: str, x: float) -> float:
         k = piece_index(x, 0.0, 1.0, len(a))
         return x / (a[k] * x + 1.0 - a[k])
     if kind == "preset":
-        init = InitSpec(preset=program["name"], margin=program["margin"], gamma=program["gamma"])
+        init = InitSpec(
+            preset=program["name"],
+            margin=program["margin"],
+            gamma=program["gamma"],
+            q=program.get("q", 0.7),
+            alpha=program.get("alpha", 0.1),
+            beta=program.get("beta", 1.0),
+            poly_epsilon=program.get("epsilon", 1.0),
+        )
         return preset_t(init, x) if which == "t" else preset_tau(init, x)
     raise ValueError(f"unknown loss program kind {kind!r}")

@@ -4,6 +4,7 @@ not the trainers."""
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 
@@ -27,6 +28,12 @@ def fake_search(s3, fakes: FakeTrainers, name: str, sleep: float = 1.0, **search
     doc["spec"]["trainer"]["resources"] = {"gpu": 0, "cpu": "10m", "memory": "16Mi"}
     doc["spec"]["trainer"]["podTemplate"] = fakes.pod_template(sleep=sleep)
     return doc
+
+
+def groups(monitoring, namespace: str, name: str) -> list[dict]:
+    with urllib.request.urlopen(f"{monitoring.pushgateway.url}/api/v1/metrics", timeout=10) as resp:
+        data = json.load(resp)["data"]
+    return [g for g in data if g["labels"].get("namespace") == namespace and g["labels"].get("search") == name]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
@@ -119,3 +126,34 @@ def test_pods_come_from_the_index_not_from_a_list_per_pass(cluster, monitoring, 
     pod_lists = lists("pods") - before[0] - (lists("configmaps") - before[1])
     assert passes >= 6, passes
     assert pod_lists <= 2, f"{pod_lists} LISTs of pods for {passes} passes"
+
+
+def test_failed_and_deleted_searches_leave_no_pushgateway_groups_or_series(
+    cluster, monitoring, s3_server, namespace, tmp_path, fakes
+):
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
+    try:
+        # fails: sample 1 never succeeds and every sample is needed; sample 0 pushed its reward
+        fakes.fail.add(("failing", 1))
+        apply(
+            cluster,
+            namespace,
+            fake_search(s3_server, fakes, "failing", epochs=2, samplesPerEpoch=2, minSamples=2, maxRetries=0),
+        )
+        obj = wait_phase(cluster, namespace, "failing", timeout=120, op=op)
+        assert obj["status"]["phase"] == "Failed" and obj["status"]["reason"] == "TooFewRewards"
+        assert (namespace, "failing", 0, 0) in fakes.pushed
+        wait_for(lambda: not groups(monitoring, namespace, "failing"), 20, "groups of the failed search removed")
+
+        # deleted while running: sample 0 pushed, sample 1 still runs
+        fakes.hold.add(("doomed", 1))
+        apply(cluster, namespace, fake_search(s3_server, fakes, "doomed", epochs=5, samplesPerEpoch=2))
+        wait_for(lambda: groups(monitoring, namespace, "doomed"), 60, "sample 0 of doomed pushed")
+        wait_for(lambda: 'search="doomed"' in operator_metrics(op), 30, "series of doomed exported")
+        cluster.kubectl("delete", "losssearch", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
+        wait_for(lambda: not groups(monitoring, namespace, "doomed"), 20, "groups of the deleted search removed")
+        assert 'search="doomed"' not in operator_metrics(op), "series of the deleted search are still exported"
+    finally:
+        fakes.release()
+        delete_all(cluster, namespace)
+        op.stop()

@@ -6,7 +6,7 @@ in the operator's own worker pool. What the handlers share lives in kopf's `memo
 made in `@kopf.on.startup` from the settings the entrypoint put in the memo (`memo.config`) and closed in
 `@kopf.on.cleanup`:
 
-* the Kubernetes API client, the worker pool, the Pushgateway reader and the reconciler;
+* the Kubernetes API client, the worker pool, the one Pushgateway reader and the reconciler;
 * per search, the asyncio event that wakes its daemon and what its last pass learnt.
 
 Pods reach passes through `@kopf.index`: the watch that kopf keeps anyway feeds an in-memory index keyed by
@@ -261,11 +261,12 @@ async def pod_changed(
         state.wake.set()
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, when=lambda spec, **_: bool((spec.get("storage") or {}).get("deleteOnDelete")))
+@kopf.on.delete(GROUP, VERSION, PLURAL)
 async def search_deleted(
     namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo, **_: Any
 ) -> None:
-    """Only for specs with storage.deleteOnDelete: remove the search's objects (pods go by ownerReference)."""
+    """Drop the search's Pushgateway groups and metric series; with storage.deleteOnDelete, also its objects in
+    storage (its pods go by ownerReference)."""
     assert namespace is not None
     rt = runtime(memo)
     state = rt.searches.get((namespace, name))

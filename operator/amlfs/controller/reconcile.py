@@ -12,7 +12,7 @@ operator restart changes nothing:
 5. patch the status with the resourceVersion read in 1, unless it is unchanged (a conflict aborts the pass:
    nothing was started);
 6. create the pods of StartSample actions ("already exists" is success), delete pods of closed epochs and
-   their Pushgateway groups, post events, update metrics.
+   the Pushgateway groups of closed epochs and finished searches, post events, update metrics.
 
 A pod created by an earlier pass may be missing from the index for a moment: its sample is then still Pending
 in the status, so the pass would only ask for it again ("already exists" is success; a pod created or deleted in
@@ -83,7 +83,7 @@ class Pass:
     spec: LossSearchSpec
     old: LossSearchStatus | None
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
-    seen_at: float | None = None  # when the pods were read (monotonic)
+    seen_at: float | None = None  # when the pods were read (monotonic): rewards are read from no earlier
     written: str = ""  # resourceVersion of the status this pass wrote
 
 
@@ -159,8 +159,9 @@ class Reconciler:
         known: dict[str, Any] | None = None,
     ) -> PassResult:
         """One pass over the search, given its pods (name -> pod as a dict, none being deleted) as seen at
-        `seen_at` (monotonic). `first`: the first pass since the operator took the search on. `known`: the
-        resource as the caller has it, used instead of a fresh read; only ever the version the last pass wrote."""
+        `seen_at` (monotonic). `first`: the first pass since the operator took the search on, which also clears
+        leftovers of an earlier operator process. `known`: the resource as the caller has it, used instead of a
+        fresh read; only ever the version the last pass wrote."""
         t0 = time.perf_counter()
         if seen_at is not None:
             metrics.PASS_WAIT_SECONDS.observe(max(0.0, time.monotonic() - seen_at))
@@ -219,6 +220,8 @@ class Reconciler:
             if not isinstance(a, core.StartSample):
                 self._apply(p, a)
         p.written = self._patch_status(body, new.to_json_dict(), self._conditions(spec, new), old)
+        if first and old is not None and self.settings.pushgateway:
+            self.rewards.snapshot(self.started)  # leftover groups of an earlier operator process
         self._after_status(p, new, actions, pods, first)
         if new.phase == "Running" and pending_reward:
             delay = min(self.settings.interval, 1.0)
@@ -229,13 +232,23 @@ class Reconciler:
         return PassResult(delay, new.epoch, p.written)
 
     def forget(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
-        """A deleted search with storage.deleteOnDelete: remove its objects (pods go by ownerReference)."""
-        spec = LossSearchSpec.model_validate(dict(body.get("spec") or {}))
-        base = spec.storage.uri or self.settings.default_storage
-        if base:
-            n = storage.delete_prefix(storage.join(base, namespace, name))
-            log.info("deleted %d objects of %s/%s", n, namespace, name)
-        metrics.forget(namespace, name, spec)
+        """A deleted search: drop its Pushgateway groups and its metric series; with storage.deleteOnDelete,
+        also its objects in storage (its pods go by ownerReference)."""
+        spec: LossSearchSpec | None
+        try:
+            spec = LossSearchSpec.model_validate(dict(body.get("spec") or {}))
+        except ValueError:
+            spec = None
+        status = dict(body.get("status") or {})
+        groups = set(self.rewards.results(namespace, name))
+        groups |= {(int(status.get("epoch", 0)), int(x.get("index", 0))) for x in status.get("samples") or []}
+        self._each(functools.partial(self.rewards.delete, namespace, name, e, s) for e, s in sorted(groups))
+        if spec is not None:
+            metrics.forget(namespace, name, spec)
+            base = spec.storage.uri or self.settings.default_storage
+            if spec.storage.delete_on_delete and base:
+                n = storage.delete_prefix(storage.join(base, namespace, name))
+                log.info("deleted %d objects of %s/%s", n, namespace, name)
 
     def root(self, p: Pass) -> str | None:
         base = p.spec.storage.uri or self.settings.default_storage
@@ -264,7 +277,7 @@ class Reconciler:
                 obs.append(core.Observation(st.epoch, x.index, "running", x.attempt))
             elif phase == "Succeeded":
                 if pushed is None:
-                    pushed = self.rewards.results(p.namespace, p.name)
+                    pushed = self.rewards.results(p.namespace, p.name, not_before=p.seen_at)
                 got = pushed.get((st.epoch, x.index))
                 if got is not None:
                     obs.append(
@@ -358,11 +371,10 @@ class Reconciler:
         self._each(functools.partial(self._create_pod, p, a) for a in actions if isinstance(a, core.StartSample))
         # then, all at once: the Pushgateway groups and pods of closed epochs, the events
         cleanup: list[Callable[[], object]] = []
-        if self.settings.pushgateway:  # level-based: drop the groups of every closed epoch still there
+        if self.settings.pushgateway:
             cleanup += [
                 functools.partial(self.rewards.delete, p.namespace, p.name, e, s)
-                for e, s in self.rewards.results(p.namespace, p.name)
-                if e < new.epoch or new.phase == "Succeeded"
+                for e, s in self._closed_groups(p, new)
             ]
         for pname, pod in pods.items():
             epoch = int(pod["metadata"].get("labels", {}).get(LABEL_EPOCH, "-1"))
@@ -372,6 +384,16 @@ class Reconciler:
         self._each(cleanup)
         if p.written or first:
             metrics.observe_status(p.namespace, p.name, new, p.spec)
+
+    def _closed_groups(self, p: Pass, new: LossSearchStatus) -> list[tuple[int, int]]:
+        """The Pushgateway groups to delete: those of an epoch that just closed or of a search that just finished,
+        and any group of a closed epoch or finished search still in the latest snapshot (e.g. left by a crash)."""
+        old, done = p.old, new.phase in FINISHED
+        drop: set[tuple[int, int]] = set()
+        if old is not None and (new.epoch != old.epoch or (done and old.phase not in FINISHED)):
+            drop |= {(old.epoch, x.index) for x in old.samples}
+        drop |= {(e, s) for e, s in self.rewards.cached(p.namespace, p.name) if e < new.epoch or done}
+        return sorted(drop)
 
     def _create_pod(self, p: Pass, a: core.StartSample) -> None:
         import kopf

@@ -144,7 +144,7 @@ class FakeRewards:
     def __init__(self, results: dict) -> None:
         self.data = results
 
-    def results(self, namespace: str, search: str) -> dict:
+    def results(self, namespace: str, search: str, not_before: float | None = None) -> dict:
         return self.data
 
 

@@ -85,6 +85,7 @@ def s3_client(endpoint: str | None = None) -> Any:
             s3={"addressing_style": "path"},
             connect_timeout=10,
             read_timeout=120,
+            max_pool_connections=64,  # the operator's passes share one client from many threads
         )
         _clients[key] = boto3.client("s3", endpoint_url=ep or None, region_name=region, config=cfg)
     return _clients[key]

@@ -136,7 +136,9 @@ class Pushgateway(_Service):
     def start(self) -> Pushgateway:
         binary = _which(PUSHGATEWAY_BIN, "prometheus-pushgateway")
         self.port = self.port or free_port()
-        self._spawn([binary, f"--web.listen-address={self.address}", "--log.level=warn"])
+        # in memory only: the Debian build persists to /var/lib/prometheus/pushgateway.data by default, which
+        # every Pushgateway on the machine would share and reload
+        self._spawn([binary, f"--web.listen-address={self.address}", "--log.level=warn", "--persistence.file="])
         self._wait_http(self.url + "/-/ready")
         return self
 

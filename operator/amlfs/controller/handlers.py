@@ -1,52 +1,125 @@
-"""kopf handlers: one daemon per LossSearch runs reconciliation passes; pod and resource events wake it."""
+"""kopf handlers: one async daemon per LossSearch runs reconciliation passes; pod and resource events wake it.
+
+Everything here is async, so no handler holds one of kopf's executor threads: a daemon per search costs a
+coroutine, however many searches there are. The blocking part of a pass (Kubernetes API, S3, Pushgateway) runs
+in the operator's own worker pool. What the handlers share lives in kopf's `memo` (`memo.amlfs`, a `Runtime`),
+made in `@kopf.on.startup` from the settings the entrypoint put in the memo (`memo.config`) and closed in
+`@kopf.on.cleanup`:
+
+* the Kubernetes API client, the worker pool, the one Pushgateway reader and the reconciler;
+* per search, the asyncio event that wakes its daemon and what its last pass learnt.
+
+Pods reach passes through `@kopf.index`: the watch that kopf keeps anyway feeds an in-memory index keyed by
+(namespace, search), so a pass lists nothing. The pod watch itself carries a label selector (only trainer pods).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import threading
+import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 from kubernetes import client, config
 
 from amlfs import storage
-from amlfs.controller import metrics
-from amlfs.controller.pods import LABEL_SEARCH
-from amlfs.controller.reconcile import GROUP, PLURAL, VERSION, Reconciler, Settings
+from amlfs.controller.pods import LABEL_EPOCH, LABEL_SEARCH
+from amlfs.controller.reconcile import GROUP, PLURAL, VERSION, PassResult, Reconciler, Settings
+from amlfs.controller.rewards import PushgatewayReader
 
 log = logging.getLogger("amlfs.operator")
-_wakeups: dict[tuple[str, str], threading.Event] = {}
-_state: dict[str, Any] = {}
+PODS = ("v1", "pods")
 
 
-def configure(settings: Settings, api: client.ApiClient | None = None) -> None:
-    """Set the operator's settings (called by the entrypoint before kopf starts)."""
-    _state["settings"] = settings
-    _state["api"] = api
+@dataclass
+class SearchState:
+    """What the handlers know of one search between its passes."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    epoch: int = -1  # its current epoch, as of the last pass
+    written: str = ""  # resourceVersion of the status the last pass wrote (its own echo wakes nothing)
+    inflight: asyncio.Future[PassResult] | None = None
 
 
-def _reconciler() -> Reconciler:
-    if "reconciler" not in _state:
-        api = _state.get("api")
+@dataclass
+class Runtime:
+    """The operator's clients and shared state, kept in kopf's memo."""
+
+    settings: Settings
+    api: client.ApiClient
+    executor: ThreadPoolExecutor
+    rewards: PushgatewayReader
+    reconciler: Reconciler
+    s3: Any = None
+    searches: dict[tuple[str, str], SearchState] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, settings: Settings, api: client.ApiClient | None = None) -> Runtime:
         if api is None:
+            cfg = client.Configuration()
             try:
-                config.load_incluster_config()
+                config.load_incluster_config(client_configuration=cfg)
             except config.ConfigException:
-                config.load_kube_config()
-            api = client.ApiClient()
-        _state["reconciler"] = Reconciler(api, _state.get("settings") or Settings())
-    return _state["reconciler"]
+                config.load_kube_config(client_configuration=cfg)
+            # a connection for each pass worker and each of their fan-out threads: no "pool is full", no new TLS
+            cfg.connection_pool_maxsize = 2 * settings.workers + 4
+            api = client.ApiClient(cfg)
+        rewards = PushgatewayReader(settings.pushgateway)
+        # boto3 makes clients through a session that threads must not share, so the S3 client is made here,
+        # before any pass runs; the storage layer then uses it for the whole process
+        s3 = None
+        try:
+            s3 = storage.s3_client()
+        except Exception as exc:  # no boto3, or no usable configuration: only file:// storage will work
+            log.warning("no S3 client: %s", exc)
+        return cls(
+            settings=settings,
+            api=api,
+            executor=ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="amlfs-pass"),
+            rewards=rewards,
+            reconciler=Reconciler(api, settings, rewards),
+            s3=s3,
+        )
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.reconciler.close()
+        self.api.close()
+        if self.s3 is not None:
+            self.s3.close()
+
+    def state(self, namespace: str, name: str) -> SearchState:
+        return self.searches.setdefault((namespace, name), SearchState())
+
+    def submit(self, fn: Any, *args: Any) -> asyncio.Future[Any]:
+        """Start blocking `fn(*args)` in the worker pool."""
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
 
-def _wake(namespace: str | None, name: str | None) -> None:
-    ev = _wakeups.get((namespace or "", name or ""))
-    if ev is not None:
-        ev.set()
+async def finish(fut: asyncio.Future[Any]) -> Any:
+    """Await work started by `Runtime.submit`. A cancelled caller first lets the work end (a pass is never left
+    half-done in the background), then is cancelled."""
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(fut), timeout=60)
+        raise
 
 
-@kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+def runtime(memo: Any) -> Runtime:
+    rt = memo.get("amlfs")
+    if not isinstance(rt, Runtime):
+        raise kopf.PermanentError("the operator's runtime is missing from the memo (startup did not run)")
+    return rt
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="amlfs.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="amlfs.io", key="last-handled-configuration"
@@ -54,49 +127,149 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    _reconciler()
+    # Server-side filtering: the pod watch (and its initial list) asks only for trainer pods. kopf's `labels=`
+    # filters on the handlers below would only drop the other pods after they were sent and parsed.
+    settings.watching.label_selectors[PODS] = LABEL_SEARCH
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
-def search_daemon(stopped: kopf.DaemonStopped, namespace: str | None, name: str, **_: Any) -> None:
-    """Level-based loop: reconcile, then sleep until woken by an event or the interval passes."""
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    configure(settings)
+    cfg = memo.get("config")
+    memo["amlfs"] = await asyncio.to_thread(Runtime.create, cfg if isinstance(cfg, Settings) else Settings())
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    rt = memo.get("amlfs")
+    if isinstance(rt, Runtime):
+        await asyncio.to_thread(rt.close)
+
+
+@kopf.index(*PODS, labels={LABEL_SEARCH: kopf.PRESENT})
+async def trainer_pods(
+    namespace: str | None, name: str, labels: Mapping[str, str], meta: Mapping[str, Any], status: Any, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Trainer pods by (namespace, search), as the plain dicts the reconciler reads (only what it reads)."""
+    pod = {
+        "metadata": {"name": name, "labels": dict(labels), "deletionTimestamp": meta.get("deletionTimestamp")},
+        "status": _plain(status),
+    }
+    return {(namespace or "", labels[LABEL_SEARCH]): pod}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def search_pods(
+    index: kopf.Index[tuple[str, str], dict[str, Any]], namespace: str, name: str
+) -> dict[str, dict[str, Any]]:
+    """The search's pods (none being deleted), copied out of the index so that a pass may read them in a thread."""
+    store = index.get((namespace, name))
+    if not store:
+        return {}
+    return {p["metadata"]["name"]: p for p in store if not p["metadata"].get("deletionTimestamp")}
+
+
+# Stopping (deletion, operator exit) sets `stopped`, which wakes the loop: it exits after the pass in progress, if
+# any. Only a pass hung for longer than the backoff is cancelled.
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_backoff=10.0, cancellation_timeout=60.0)
+async def search_daemon(
+    stopped: kopf.DaemonStopped,
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    trainer_pods: kopf.Index[tuple[str, str], dict[str, Any]] | None = None,  # kopf passes the index by name
+    **_: Any,
+) -> None:
+    """Level-based loop: reconcile, then sleep until woken by an event or the next pass is due."""
     assert namespace is not None  # LossSearch is namespaced
-    ev = _wakeups.setdefault((namespace, name), threading.Event())
-    rec = _reconciler()
+    assert trainer_pods is not None
+    rt = runtime(memo)
+    state = rt.state(namespace, name)
+    if state.inflight is not None:  # a pass of an earlier daemon of this search is still running
+        await asyncio.wait([state.inflight])
+    first = True
+
+    async def relay_stop() -> None:
+        await stopped.wait()
+        state.wake.set()
+
+    relay = asyncio.create_task(relay_stop())
     try:
         while not stopped:
-            ev.clear()
+            state.wake.clear()
+            seen_at = time.monotonic()
+            pods = search_pods(trainer_pods, namespace, name)
+            # kopf keeps `body` up to date from the watch: when it is the version our last pass wrote, the pass
+            # needs no fresh read (any other version, older or newer, is read afresh)
+            known = _plain(body) if state.written and body.metadata.get("resourceVersion") == state.written else None
+            state.inflight = rt.submit(rt.reconciler.reconcile, namespace, name, pods, seen_at, first, known)
             try:
-                delay = rec.reconcile(namespace, name)
+                res = await finish(state.inflight)
             except Exception:  # one bad pass must not kill the daemon; the next one re-derives everything
                 log.exception("reconcile of %s/%s failed", namespace, name)
-                delay = rec.settings.interval
-            if delay > 0:
-                ev.wait(delay)
+                res = PassResult(rt.settings.interval)
+            first = False
+            if res.epoch >= 0:
+                state.epoch = res.epoch
+            if res.written:
+                state.written = res.written
+            if res.delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(state.wake.wait(), timeout=res.delay)
     finally:
-        _wakeups.pop((namespace, name), None)
+        relay.cancel()
+        if rt.searches.get((namespace, name)) is state and (state.inflight is None or state.inflight.done()):
+            del rt.searches[(namespace, name)]
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def search_changed(namespace: str | None, name: str, **_: Any) -> None:
-    _wake(namespace, name)
+async def search_changed(namespace: str | None, name: str, meta: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    state = runtime(memo).searches.get((namespace or "", name))
+    if state is not None and meta.get("resourceVersion") != state.written:  # not the echo of our own status
+        state.wake.set()
 
 
-@kopf.on.event("", "v1", "pods", labels={LABEL_SEARCH: kopf.PRESENT})
-def pod_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    _wake(namespace, labels.get(LABEL_SEARCH))
+@kopf.on.event(*PODS, labels={LABEL_SEARCH: kopf.PRESENT})
+async def pod_changed(
+    type: str | None,
+    namespace: str | None,
+    labels: Mapping[str, str],
+    meta: Mapping[str, Any],
+    status: Mapping[str, Any],
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    """Wake the pod's search when what a pass reads of the pod changed: its phase, its deletion, its removal.
+    Pods of closed epochs (being deleted) wake nothing. `memo` is this pod's own copy of the operator's memo."""
+    state = runtime(memo).searches.get((namespace or "", labels.get(LABEL_SEARCH, "")))
+    if state is None:
+        return
+    with contextlib.suppress(ValueError):
+        if int(labels.get(LABEL_EPOCH, "-1")) < state.epoch:
+            return
+    seen = "Deleting" if meta.get("deletionTimestamp") else str(status.get("phase") or "Pending")
+    if type == "DELETED" or memo.get("amlfs_seen", "Pending") != seen:
+        memo["amlfs_seen"] = seen
+        state.wake.set()
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, when=lambda spec, **_: bool((spec.get("storage") or {}).get("deleteOnDelete")))
-def delete_storage(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
-    """Only for specs with storage.deleteOnDelete: remove the search's objects (pods go by ownerReference)."""
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def search_deleted(
+    namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo, **_: Any
+) -> None:
+    """Drop the search's Pushgateway groups and metric series; with storage.deleteOnDelete, also its objects in
+    storage (its pods go by ownerReference)."""
     assert namespace is not None
-    from amlfs.spec import LossSearchSpec
-
-    rec = _reconciler()
-    spec = LossSearchSpec.model_validate(dict(body.get("spec") or {}))
-    base = spec.storage.uri or rec.settings.default_storage
-    if base:
-        n = storage.delete_prefix(storage.join(base, namespace, name))
-        log.info("deleted %d objects of %s/%s", n, namespace, name)
-    metrics.forget(namespace, name, spec)
+    rt = runtime(memo)
+    state = rt.searches.get((namespace, name))
+    if state is not None and state.inflight is not None:
+        await asyncio.wait([state.inflight])  # no pass writes after the cleanup
+    await finish(rt.submit(rt.reconciler.forget, namespace, name, {"spec": _plain(spec), "status": _plain(status)}))

@@ -10,6 +10,7 @@ Settings come from flags or environment variables, so a Deployment sets them as 
                             the platform to assign (OpenShift's restricted-v2); runAsNonRoot is set either way
   AMLFS_REWARD_TIMEOUT      seconds before falling back to result.json (default 30)
   AMLFS_INTERVAL            seconds between passes when nothing happens (default 5)
+  AMLFS_WORKERS             passes running at once (default 16)
   AMLFS_METRICS_PORT        /metrics port (default 8080); /healthz on AMLFS_HEALTH_PORT (default 8081)
   AMLFS_LOG_FORMAT          plain or json
 The operator's own S3 credentials/endpoint come from the standard AWS_* variables.
@@ -25,7 +26,7 @@ import os
 import kopf
 from prometheus_client import start_http_server
 
-from amlfs.controller import handlers
+from amlfs.controller import handlers  # noqa: F401 (registers the handlers)
 from amlfs.controller.reconcile import Settings
 
 
@@ -61,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reward-timeout", type=float, default=float(e("AMLFS_REWARD_TIMEOUT", "30")))
     p.add_argument("--interval", type=float, default=float(e("AMLFS_INTERVAL", "5")))
+    p.add_argument("--workers", type=int, default=int(e("AMLFS_WORKERS", "16")))
     p.add_argument("--metrics-port", type=int, default=int(e("AMLFS_METRICS_PORT", "8080")))
     p.add_argument("--health-port", type=int, default=int(e("AMLFS_HEALTH_PORT", "8081")))
     p.add_argument("--log-format", choices=["plain", "json"], default=e("AMLFS_LOG_FORMAT", "plain"))
@@ -76,16 +78,15 @@ def main(argv: list[str] | None = None) -> None:
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
     )
     logging.getLogger("amlfs").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    handlers.configure(
-        Settings(
-            pushgateway=args.pushgateway,
-            pod_pushgateway=args.pod_pushgateway,
-            default_storage=args.default_storage,
-            pod_s3_endpoint=args.pod_s3_endpoint,
-            run_as_user=args.pod_run_as_user,
-            reward_timeout=args.reward_timeout,
-            interval=args.interval,
-        )
+    settings = Settings(
+        pushgateway=args.pushgateway,
+        pod_pushgateway=args.pod_pushgateway,
+        default_storage=args.default_storage,
+        pod_s3_endpoint=args.pod_s3_endpoint,
+        reward_timeout=args.reward_timeout,
+        run_as_user=args.pod_run_as_user,
+        interval=args.interval,
+        workers=max(1, args.workers),
     )
     if args.metrics_port:
         start_http_server(args.metrics_port)
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             namespaces=[args.namespace] if args.namespace else [],
             standalone=True,
             liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+            memo=kopf.Memo(config=settings),  # the startup handler makes the clients from it (handlers.py)
         )
     )
 

@@ -16,6 +16,11 @@ RECONCILE_SECONDS = Histogram(
     "Duration of one reconciliation pass.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+PASS_WAIT_SECONDS = Histogram(
+    "amlfs_operator_pass_wait_seconds",
+    "Time a due pass waited for a free worker (AMLFS_WORKERS); high values mean too few workers.",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 EPOCHS = Counter("amlfs_operator_epochs_completed", "Search epochs completed.", ["namespace", "search"])
 PODS_CREATED = Counter("amlfs_operator_pods_created", "Trainer pods created.", ["namespace", "search"])
 PODS_FAILED = Counter(

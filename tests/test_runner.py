@@ -308,6 +308,13 @@ def test_packs_are_spread_over_the_free_slots_and_retries_run_alone(tmp_path):
     r.slots = [FakeSlot(0), FakeSlot(1)]
     r.launch_all(starts(r, 4))
     assert [s.tasks for s in r.slots] == [[[0, 1]], [[2, 3]]]
+    # at the turn of an epoch a slot may still be busy with a task whose members have all reported
+    r = LocalRunner(parse_manifest(MANIFEST), tmp_path, pack=4)
+    r.slots = [FakeSlot(0), FakeSlot(1)]
+    r.launch_all(starts(r, 1))
+    r.slots[0].task.done.add(0)  # type: ignore[union-attr]
+    r.launch_all(starts(r, 4)[1:])
+    assert [s.tasks for s in r.slots] == [[[0]], [[1, 2]]]  # the rest waits for slot 0, not packed into slot 1
     r = LocalRunner(parse_manifest(MANIFEST), tmp_path, pack=4)
     r.slots = [FakeSlot(0), FakeSlot(1)]
     r.launch_all(starts(r, 2, attempt=1))

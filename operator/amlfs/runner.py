@@ -559,10 +559,12 @@ class LocalRunner:
             free = [s for s in self.slots if s.task is None]
             if not free:
                 return
+            # a slot whose members all reported is about to be free: count it when sizing packs
+            ending = [s for s in self.slots if s.task is not None and set(s.task.samples) <= s.task.done]
             a = queue.pop(0)
             group = [a]
             if a.attempt == 0:
-                size = min(self.pack, -(-(len(queue) + 1) // len(free)))
+                size = min(self.pack, -(-(len(queue) + 1) // (len(free) + len(ending))))
                 mates = [b for b in queue if b.attempt == 0 and b.start == a.start][: size - 1]
                 group += mates
                 queue = [b for b in queue if b not in mates]

@@ -39,7 +39,9 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a search on this machine")
     r.add_argument("file", nargs="?", help=f"LossSearch manifest (default: bundled {DEFAULT_EXAMPLE})")
     r.add_argument("--workdir", default="./runs", help="where status, checkpoints and reports go (default ./runs)")
-    r.add_argument("--parallel", type=int, default=0, help="samples trained at once (default: GPUs, or 2 on CPU)")
+    r.add_argument(
+        "--parallel", type=int, default=0, help="trainer workers, each one invocation at a time (default: GPUs, or 2)"
+    )
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="trainer device")
     r.add_argument("--threads", type=int, default=0, help="torch threads per trainer (default: cores/parallel)")
     r.add_argument(

@@ -18,11 +18,23 @@ data (32x32x3, 10 classes, written in the CIFAR-10 python format; --cifar-train 
 
     python benchmarks/packing.py                         # CPU (B=4, short), and CUDA (B=8) when present
     python benchmarks/packing.py --devices cuda --samples 8 --pack-sizes 8,4
+
+`--runner` times whole local searches instead: `amlfs run examples/digits-quick.yaml` (6 epochs, B=4, 2 at a
+time) with one fresh trainer process per sample (`--fresh-processes`) against the worker pool (the default), and
+the pool with packs (`--pack k`, k from --pack-sizes, default 2), one after another. It prints wall seconds, the
+ratio, CPU seconds, and per trainer invocation from every result.json: the start-up (waiting for and starting a
+trainer, imports, start checkpoint, data, model: `startup + import + setup`), the busy time (training,
+evaluation, saving) and the start-up's share, over all invocations and over those that were not the first in
+their process; and checks that every variant found the same θ, rewards and checkpoint digests.
+
+    python benchmarks/packing.py --runner
+    python benchmarks/packing.py --runner --pack-sizes 2,4 --runner-file examples/digits-quick.yaml
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import resource
@@ -42,6 +54,7 @@ from amlfs.spaces import SpaceConfig, get_space
 from amlfs.spec import LossSearchSpec, spec_to_json
 
 TRAINER = [sys.executable, "-m", "amlfs_trainer.cli"]
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits-quick.yaml"
 
 
 def digits_spec() -> LossSearchSpec:
@@ -200,6 +213,92 @@ def report(workload: str, device: str, samples: int, runs: list[Run]) -> None:
     print("one process's phases (s):", ", ".join(f"{p} {first[p]:.2f}" for p in phases if p in first))
 
 
+# --- whole searches: `amlfs run` with fresh processes, workers, packs ---------------------------------------
+
+
+@dataclass
+class Search:
+    variant: str
+    wall: float
+    cpu: float
+    results: list[dict[str, Any]]  # every sample's result.json
+    history: list[dict[str, Any]]
+
+    def invocations(self) -> list[list[dict[str, Any]]]:
+        """The results grouped by trainer invocation (process and its invocation count)."""
+        groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for r in self.results:
+            p = r.get("process", {})
+            groups.setdefault((p.get("pid", id(r)), p.get("invocation", 1)), []).append(r)
+        return list(groups.values())
+
+
+def startup(inv: list[dict[str, Any]]) -> float:
+    """An invocation's start-up: waiting for or starting its trainer, imports, start checkpoint, data, model."""
+    t = inv[0]["timings"]
+    return t.get("startup", 0.0) + t.get("import", 0.0) + t.get("setup", 0.0)
+
+
+def busy(inv: list[dict[str, Any]]) -> float:
+    """An invocation's training, evaluation and saving, summed over its members."""
+    return sum(r["timings"].get(k, 0.0) for r in inv for k in ("train", "eval", "save"))
+
+
+def run_search(variant: str, manifest: Path, flags: list[str], work: Path) -> Search:
+    workdir = work / variant.split()[0].strip("()")
+    cmd = [sys.executable, "-m", "amlfs.cli", "run", str(manifest), "--workdir", str(workdir), "--quiet"]
+    t, c = time.perf_counter(), _children_cpu()
+    p = subprocess.run([*cmd, "--no-report", *flags], capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - t, _children_cpu() - c
+    if p.returncode != 0:
+        sys.exit(f"amlfs run {' '.join(flags)} exited {p.returncode}:\n{p.stderr[-3000:]}")
+    (root,) = [d for d in workdir.iterdir() if (d / "status.json").exists()]
+    results = [json.loads(f.read_text()) for f in sorted(root.glob("epoch-*/sample-*/result.json"))]
+    history = [json.loads(line) for line in (root / "history.jsonl").read_text().splitlines() if line.strip()]
+    return Search(variant, wall, cpu, results, history)
+
+
+def bench_runner(manifest: Path, pack_sizes: list[int], work: Path) -> None:
+    variants = [("(a) one process per sample", ["--fresh-processes"]), ("(b) worker pool", [])]
+    variants += [(f"(c{k}) workers, packs of {k}", ["--pack", str(k)]) for k in pack_sizes]
+    searches = []
+    for name, flags in variants:
+        load = os.getloadavg()[0]
+        s = run_search(name, manifest, flags, work)
+        after = os.getloadavg()[0]
+        print(f"  {name}: {s.wall:.1f} s (1-min load average {load:.1f} before, {after:.1f} after)", flush=True)
+        searches.append(s)
+    ref = searches[0]
+    print(f"\namlfs run {manifest.name}: {len(ref.results)} samples")
+    head = f"{'variant':<30}{'wall s':>8}{'vs (a)':>8}{'CPU s':>8}{'vs (a)':>8}{'invocations':>13}"
+    head += f"{'start-up s':>12}{'busy s':>8}{'start-up %':>12}{'warm only':>11}"
+    print(head)
+    for s in searches:
+        invs = s.invocations()
+        warm = [i for i in invs if i[0].get("process", {}).get("invocation", 1) > 1]
+        up, work_s = sum(map(startup, invs)), sum(map(busy, invs))
+        warm_up, warm_work = sum(map(startup, warm)), sum(map(busy, warm))
+        share_warm = f"{100 * warm_up / (warm_up + warm_work):.1f}%" if warm else "-"
+        print(
+            f"{s.variant:<30}{s.wall:>8.1f}{ref.wall / s.wall:>7.2f}x{s.cpu:>8.1f}{ref.cpu / max(s.cpu, 1e-9):>7.2f}x"
+            f"{len(invs):>8} ({len(invs) - len(warm)} 1st){up / len(invs):>9.2f}{work_s / len(invs):>8.2f}"
+            f"{100 * up / (up + work_s):>11.1f}%{share_warm:>11}"
+        )
+    print(
+        "per invocation: start-up = startup + import + setup timings, busy = train + eval + save of its members;\n"
+        "start-up % = start-up / (start-up + busy) over all invocations, and over those that were not the first\n"
+        "in their process (a worker's first pays the interpreter, torch, the dataset and the first model)"
+    )
+    same = all(
+        [(h["thetas"], h["rewards"], h["sha256"]) for h in s.history]
+        == [(h["thetas"], h["rewards"], h["sha256"]) for h in ref.history]
+        for s in searches
+    )
+    print("same θ, rewards and checkpoint sha256 in every variant:", "yes" if same else "NO")
+    if not same:
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -210,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workloads", default="digits,cifar-resnet20")
     parser.add_argument("--cifar-train", type=int, default=0, help="synthetic CIFAR training images (CPU 384)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--runner", action="store_true", help="time whole `amlfs run` searches instead")
+    parser.add_argument("--runner-file", default=str(EXAMPLE), help="the manifest for --runner")
     args = parser.parse_args(argv)
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     work = Path(tempfile.mkdtemp(prefix="amlfs-packing-"))
@@ -218,8 +319,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}; CPU threads {cpu_threads}; load average {load}", end="")
     if torch.cuda.is_available():
         print(f"; {torch.cuda.get_device_name()}", end="")
-    print(f"; work dir {work}")
+    print(f"; work dir {work}", flush=True)
     t_all = time.perf_counter()
+    if args.runner:
+        try:
+            sizes = [int(k) for k in args.pack_sizes.split(",")] if args.pack_sizes else [2]
+            bench_runner(Path(args.runner_file), sizes, work)
+            print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         for device in devices:
             gpu = device.startswith("cuda")

@@ -1,16 +1,20 @@
-"""`amlfs run` end to end on digits: real trainer subprocesses, file:// storage, resume after interruption."""
+"""`amlfs run` end to end on digits: real trainer workers and processes, file:// storage, resume after
+interruption, a worker killed mid-sample, packs; and how the runner reads what became of a sample."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from amlfs import storage
+from amlfs import core, storage
 from amlfs.cli import main
-from amlfs.runner import LocalRunner
+from amlfs.runner import LocalRunner, Proc, Slot, Task
 from amlfs.spec import SpecError, parse_manifest
 from amlfs.status import LossSearchStatus
 
@@ -130,3 +134,203 @@ def test_resume_accepts_a_spec_written_before_new_fields_existed(tmp_path):
     runner.spec_path.write_text(json.dumps(old))
     with pytest.raises(SpecError, match=r"spec.search.commonRandomNumbers: changed"):
         runner.load()
+
+
+# --- the worker pool against one process per sample ---------------------------------------------------------
+
+SMALL = json.loads(json.dumps(MANIFEST))
+SMALL["metadata"]["name"] = "small"
+SMALL["spec"]["task"]["trainLimit"] = 160
+SMALL["spec"]["search"].update({"epochs": 2, "samplesPerEpoch": 3})
+
+# a worker whose every member trains half a second longer: a window to kill it in mid-sample
+SLOW_WORKER = """
+import time
+from amlfs_trainer import pack, worker
+train_one = pack._train_one
+def slow(*args):
+    time.sleep(0.5)
+    return train_one(*args)
+pack._train_one = slow
+raise SystemExit(worker.main())
+"""
+
+
+def outcome(root: str, status: LossSearchStatus) -> dict:
+    """What must not depend on how the samples were trained: every θ, reward and checkpoint digest, μ, best."""
+    h = history(root)
+    return {
+        "thetas": [x["thetas"] for x in h],
+        "rewards": [x["rewards"] for x in h],
+        "sha256": [x["sha256"] for x in h],
+        "mu": status.mu,
+        "best": (status.best.reward, status.best.sha256) if status.best else None,
+    }
+
+
+@pytest.fixture(scope="module")
+def fresh_processes(tmp_path_factory) -> dict:
+    """The reference: one fresh `amlfs-trainer` process per sample."""
+    work = tmp_path_factory.mktemp("fresh")
+    r = LocalRunner(parse_manifest(SMALL), work, parallel=2, processes=True)
+    status = r.run()
+    assert status.phase == "Succeeded"
+    return outcome(r.root, status)
+
+
+@pytest.mark.slow
+def test_the_worker_pool_trains_what_fresh_processes_train(tmp_path, fresh_processes):
+    events: list[tuple[str, dict]] = []
+    r = LocalRunner(parse_manifest(SMALL), tmp_path, parallel=2, on_event=lambda k, d: events.append((k, d)))
+    status = r.run()
+    assert status.phase == "Succeeded"
+    assert outcome(r.root, status) == fresh_processes
+    assert len([d for k, d in events if k == "worker"]) == 2  # one start-up per slot, not per sample
+    assert not any(k == "sample-failed" for k, _ in events)
+    timings = [
+        storage.read_json(f"{r.root}/epoch-{e:04d}/sample-{i:02d}/result.json")["timings"]
+        for e in range(2)
+        for i in range(3)
+    ]
+    warm = [t for t in timings if t["data"] < 0.05]
+    assert len(warm) >= 4  # the dataset was loaded once per worker
+
+
+@pytest.mark.slow
+def test_packs_train_what_fresh_processes_train(tmp_path, fresh_processes):
+    # the same torch thread count as the reference's (cores / parallel there): float sums depend on it
+    r = LocalRunner(parse_manifest(SMALL), tmp_path, parallel=1, threads=1, pack=3)
+    status = r.run()
+    assert status.phase == "Succeeded"
+    assert outcome(r.root, status) == fresh_processes
+    result = storage.read_json(f"{r.root}/epoch-0001/sample-02/result.json")
+    assert result["pack"]["size"] == 3 and result["pack"]["samples"] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_inline_trains_what_fresh_processes_train(tmp_path, fresh_processes):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        r = LocalRunner(parse_manifest(SMALL), tmp_path, threads=1, inline=True)
+        status = r.run()
+    finally:
+        torch.set_num_threads(threads)
+    assert status.phase == "Succeeded"
+    assert outcome(r.root, status) == fresh_processes
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_sample_is_replaced_and_the_search_ends_the_same(tmp_path, fresh_processes):
+    events: list[tuple[str, dict]] = []
+
+    def kill_once(kind: str, data: dict) -> None:
+        events.append((kind, data))
+        if (
+            kind == "running"
+            and data["epoch"] == 1
+            and data["samples"] == [1]
+            and not any(k == "killed" for k, _ in events)
+        ):
+            os.kill(data["pid"], signal.SIGKILL)
+            events.append(("killed", {"pid": data["pid"]}))
+
+    r = LocalRunner(
+        parse_manifest(SMALL), tmp_path, parallel=2, worker=[sys.executable, "-c", SLOW_WORKER], on_event=kill_once
+    )
+    status = r.run()
+    assert status.phase == "Succeeded"
+    assert outcome(r.root, status) == fresh_processes
+    killed = next(d["pid"] for k, d in events if k == "killed")
+    workers = [d["pid"] for k, d in events if k == "worker"]
+    assert len(workers) == 3 and killed in workers[:2]  # the dead one was replaced, once
+    failed = [d for k, d in events if k == "sample-failed"]
+    assert [(d["epoch"], d["sample"]) for d in failed] == [(1, 1)] and "signal 9" in failed[0]["message"]
+    starts = [(d["epoch"], d["sample"], d["attempt"]) for k, d in events if k == "start"]
+    assert (1, 1, 1) in starts  # retried as a failed attempt, as a killed trainer process would be
+
+
+# --- what became of a sample (no processes) ---------------------------------------------------------------
+
+
+def starts(runner: LocalRunner, n: int, attempt: int = 0) -> list[core.StartSample]:
+    return [
+        core.StartSample(0, i, attempt, [0.0] * 7, None, f"{runner.root}/epoch-0000/sample-{i:02d}") for i in range(n)
+    ]
+
+
+def task_of(runner: LocalRunner, group: list[core.StartSample], **state) -> tuple[Task, list[Proc]]:
+    log = runner.dir / "t.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("a line\nRuntimeError: the last error\n")
+    t = Task(0, 0, runner.invocation(group[0], "cpu", tuple(group[1:])), log, **state)
+    return t, [Proc(0, a.sample, a.attempt, list(a.theta), t) for a in group]
+
+
+def test_the_runner_reads_exits_and_deaths_as_the_core_expects(tmp_path):
+    r = LocalRunner(parse_manifest(MANIFEST), tmp_path)
+    group = starts(r, 3)
+
+    def outcomes(**state) -> list[str | None]:
+        _, procs = task_of(r, group, **state)
+        return [o.outcome if (o := r._outcome(p)) is not None else None for p in procs]
+
+    assert outcomes(ready=True, started=True) == [None, None, None]
+    assert outcomes(ready=True, started=True, done={0}) == ["failed", None, None]  # reported, but no result.json
+    assert outcomes(rc=0) == ["failed"] * 3
+    assert outcomes(rc=2) == ["config-error"] * 3
+    assert outcomes(rc=3) == ["failed"] * 3
+    assert outcomes(rc=1) == ["failed"] * 3
+    # a trainer that died: before it was ready (could not start), before the invocation began, while training
+    assert outcomes(died=-9) == ["failed"] * 3
+    assert outcomes(died=-9, ready=True) == ["preempted"] * 3
+    assert outcomes(died=-9, ready=True, started=True, mode="sequential") == ["failed", "preempted", "preempted"]
+    assert outcomes(died=-9, ready=True, started=True, mode="vectorized") == ["failed"] * 3
+    assert outcomes(died=-9, ready=True, started=True) == ["failed"] * 3  # a process: progress unknown
+    assert outcomes(died=-15, ready=True, started=True) == ["preempted"] * 3
+    assert outcomes(died=1, ready=True, started=True, mode="sequential") == ["failed", "preempted", "preempted"]
+    # members whose result.json exists are complete, whatever happened to the rest
+    storage.write_json(f"{group[0].output}/result.json", {"status": "ok", "reward": 0.5, "theta": [0.0] * 7})
+    got = outcomes(died=-9, ready=True, started=True, mode="sequential", done={0})
+    assert got == ["succeeded", "failed", "preempted"]
+    assert outcomes(rc=3, ready=True, started=True) == ["succeeded", "failed", "failed"]
+    _, procs = task_of(r, group, rc=3)
+    o = r._outcome(procs[1])
+    assert o is not None and o.message == "exit code 3: RuntimeError: the last error"
+
+
+class FakeSlot(Slot):
+    def __init__(self, index: int) -> None:
+        super().__init__(index, {}, "cpu", lambda kind, data: None)
+        self.tasks: list[list[int]] = []
+
+    def submit(self, task: Task) -> None:
+        self.task = task
+        self.tasks.append(task.samples)
+
+
+def test_packs_are_spread_over_the_free_slots_and_retries_run_alone(tmp_path):
+    r = LocalRunner(parse_manifest(MANIFEST), tmp_path, pack=3)
+    r.slots = [FakeSlot(0), FakeSlot(1)]
+    queue = starts(r, 4) + starts(r, 5, attempt=1)[4:]
+    r.launch_all(queue)
+    assert [s.tasks for s in r.slots] == [[[0, 1, 2]], [[3]]]  # ceil(5 / 2) = 3; the retry waits
+    assert sorted(r.procs) == [0, 1, 2, 3]
+    r = LocalRunner(parse_manifest(MANIFEST), tmp_path, pack=4)
+    r.slots = [FakeSlot(0), FakeSlot(1)]
+    r.launch_all(starts(r, 4))
+    assert [s.tasks for s in r.slots] == [[[0, 1]], [[2, 3]]]
+    # at the turn of an epoch a slot may still be busy with a task whose members have all reported
+    r = LocalRunner(parse_manifest(MANIFEST), tmp_path, pack=4)
+    r.slots = [FakeSlot(0), FakeSlot(1)]
+    r.launch_all(starts(r, 1))
+    r.slots[0].task.done.add(0)  # type: ignore[union-attr]
+    r.launch_all(starts(r, 4)[1:])
+    assert [s.tasks for s in r.slots] == [[[0]], [[1, 2]]]  # the rest waits for slot 0, not packed into slot 1
+    r = LocalRunner(parse_manifest(MANIFEST), tmp_path, pack=4)
+    r.slots = [FakeSlot(0), FakeSlot(1)]
+    r.launch_all(starts(r, 2, attempt=1))
+    assert [s.tasks for s in r.slots] == [[[0]], [[1]]]
+    inv = r.procs[0].task.invocation
+    assert inv.attempt == 1 and [m.sample for m in inv.members] == [0]

@@ -39,9 +39,22 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a search on this machine")
     r.add_argument("file", nargs="?", help=f"LossSearch manifest (default: bundled {DEFAULT_EXAMPLE})")
     r.add_argument("--workdir", default="./runs", help="where status, checkpoints and reports go (default ./runs)")
-    r.add_argument("--parallel", type=int, default=0, help="samples trained at once (default: GPUs, or 2 on CPU)")
+    r.add_argument(
+        "--parallel", type=int, default=0, help="trainer workers, each one invocation at a time (default: GPUs, or 2)"
+    )
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="trainer device")
     r.add_argument("--threads", type=int, default=0, help="torch threads per trainer (default: cores/parallel)")
+    r.add_argument(
+        "--pack",
+        type=int,
+        default=1,
+        help="samples of an epoch per trainer invocation (default 1; on a GPU a pack trains vectorised)",
+    )
+    r.add_argument(
+        "--fresh-processes",
+        action="store_true",
+        help="one trainer process per invocation instead of long-lived workers (pays the start-up every time)",
+    )
     r.add_argument("--no-report", action="store_true", help="skip the PNG report")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     v = sub.add_parser("validate", help="validate a manifest")
@@ -84,6 +97,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     manifest = load_manifest(path)
     if args.parallel < 0:
         raise SpecError(f"--parallel: must be >= 1, got {args.parallel}")
+    if args.pack < 1:
+        raise SpecError(f"--pack: must be >= 1, got {args.pack}")
     parallel = args.parallel or (_gpu_count() if args.device != "cpu" else 0) or 2
     workdir = Path(args.workdir)
     spec = manifest.spec
@@ -121,9 +136,18 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             )
 
     runner = LocalRunner(
-        manifest, workdir, parallel=parallel, device=args.device, threads=args.threads, on_event=on_event
+        manifest,
+        workdir,
+        parallel=parallel,
+        device=args.device,
+        threads=args.threads,
+        on_event=on_event,
+        pack=args.pack,
+        processes=args.fresh_processes,
     )
-    console.print(f"amlfs: search {manifest.metadata.name!r} from {path} in {runner.dir} ({parallel} at a time)")
+    how = "trainer processes" if args.fresh_processes else "trainer workers"
+    packs = f", packs of up to {args.pack}" if args.pack > 1 else ""
+    console.print(f"amlfs: search {manifest.metadata.name!r} from {path} in {runner.dir} ({parallel} {how}{packs})")
     with progress:
         status = runner.run()
     history = _history(runner.root)

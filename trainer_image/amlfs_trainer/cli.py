@@ -18,13 +18,15 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from amlfs import contract
 from amlfs.contract import EXIT_CONFIG, EXIT_OK, EXIT_TRANSIENT, ConfigError
 from amlfs_trainer.job import PackJob, UsageError, build_job
 
-__all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_TRANSIENT", "UsageError", "main", "parser"]
+__all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_TRANSIENT", "UsageError", "main", "parser", "run"]
 log = logging.getLogger("amlfs-trainer")
 
 
@@ -53,14 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         job = build_job(contract.from_args(args))
         if age is not None:
             job.timings["startup"] = age
-        return _run(job, started)
+        return run(job, started)
     except ConfigError as exc:
         print(f"amlfs-trainer: error: {exc}", file=sys.stderr)
         _termination_message(f"config error: {exc}")
         return EXIT_CONFIG
 
 
-def _run(job: PackJob, started: float) -> int:
+def run(job: PackJob, started: float, on_result: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Train a validated job; `on_result` is called with each member's result once its result.json is written.
+    Returns EXIT_OK or EXIT_TRANSIENT; raises ConfigError for invalid input."""
     t = time.perf_counter()
     from amlfs import storage
     from amlfs_trainer.hardware import set_threads
@@ -86,6 +90,8 @@ def _run(job: PackJob, started: float) -> int:
             summary = {k: result.get(k) for k in ("epoch", "sample", "status", "reward", "testAccuracy", "sha256")}
             print(json.dumps(summary), flush=True)
             summaries.append(summary)
+            if on_result is not None:
+                on_result(result)
     except (storage.StorageError, OSError) as exc:
         print(f"amlfs-trainer: transient error: {exc}", file=sys.stderr)
         _termination_message(f"transient error: {exc}")

@@ -20,6 +20,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import random
 import tempfile
 import time
@@ -47,6 +48,7 @@ __all__ = ["ConfigError", "member_seed", "run_pack", "sample_seed", "seed_everyt
 log = logging.getLogger("amlfs-trainer")
 SHARED = ("startup", "import", "checkpoint", "data", "model", "setup")  # timings paid once per invocation
 _TASKS: dict[tuple[str, str], TaskData] = {}  # datasets loaded in this process (invocations in one process)
+_INVOCATIONS = 0  # invocations begun in this process (a long-lived worker runs many)
 
 
 def sample_seed(search: SearchSpec, epoch: int, sample: int) -> int:
@@ -114,8 +116,10 @@ def run_pack(job: PackJob, started: float | None = None) -> Iterator[dict[str, A
     `started` (perf_counter) is when the invocation began (default: now); a member's `timings.total` runs from
     there to its result.json.
     """
+    global _INVOCATIONS
     t0 = time.perf_counter() if started is None else started
     t_run = time.perf_counter()
+    _INVOCATIONS += 1
     spec = job.spec
     device = pick_device(job.device)
     configure(device, job.cudnn_benchmark)
@@ -272,6 +276,7 @@ def _write(
         shared += ["firstStep", "train", "eval"]
     result["timings"] = timings
     result["pack"] = pack_info | {"shared": shared}
+    result["process"] = {"pid": os.getpid(), "invocation": _INVOCATIONS}
     storage.write_bytes(storage.join(m.output, RESULT), (json.dumps(result, indent=1) + "\n").encode())
     return result
 

@@ -1,0 +1,460 @@
+"""The operator at scale on the test control plane: N concurrent searches x B samples x E epochs, with trainer pods
+that only report (tests/support/fake_trainer.py: a one-line shell per pod and one helper in this process, so the
+machine spends its time on the operator, not on the fakes).
+
+  python benchmarks/operator_scale.py --searches 1 12 50 --samples 4 --epochs 5
+
+Each N runs in a fresh namespace with a fresh operator process (`amlfs-operator`, as its own ServiceAccount, so
+that the API server's audit log tells its requests apart). The fake trainers' helper and the process kubelets
+(several nodes: one kubelet reports its pods' status one at a time) run as processes of their own, so that this
+one only watches and measures. Printed per N:
+
+* searches finished (Succeeded) out of N;
+* epoch overhead: from the last reward of an epoch being pushed to all B pods of the next epoch existing in the
+  API server, p50 and p99 over all searches and epochs; and the same from the last pod of the epoch being
+  Succeeded in the API server (what is left once the kubelet's reporting is taken out);
+* the operator's peak RSS, CPU seconds per search-epoch, and API requests per search-epoch (from the audit log),
+  all measured from the first search applied to the last one finished.
+
+Targets at N=50, B=4: all succeed, p50 <= 1 s, p99 <= 2 s, RSS <= 300 MB, CPU and requests per search-epoch flat
+from N=1 to N=50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.cluster.controlplane import ControlPlane, write_kubeconfig  # noqa: E402
+from tests.cluster.kubelet import ProcessKubelet  # noqa: E402
+from tests.cluster.services import Pushgateway  # noqa: E402
+from tests.support.fake_trainer import pod_template, read_record  # noqa: E402
+from tests.support.s3 import S3Server, free_port  # noqa: E402
+
+OPERATOR_NS = "amlfs-system"
+OPERATOR_SA = "amlfs-operator"
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived", "ResponseStarted"],  # one line per request, when it completes
+    "rules": [{"level": "Metadata", "users": [OPERATOR_USER]}, {"level": "None"}],
+}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+class PodTimes:
+    """When each pod was first seen and when it was first seen Succeeded, from a watch of the namespace."""
+
+    def __init__(self, core: Any, namespace: str) -> None:
+        from kubernetes import watch
+
+        self.added: dict[tuple[str, int], list[float]] = collections.defaultdict(list)  # (search, epoch)
+        self.succeeded: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
+        self._done: set[str] = set()
+        self._w = watch.Watch()
+        self._ready = threading.Event()
+        threading.Thread(target=self._run, args=(core, namespace), daemon=True).start()
+        self._ready.wait(10)
+
+    def _run(self, core: Any, namespace: str) -> None:
+        try:
+            self._ready.set()
+            for ev in self._w.stream(core.list_namespaced_pod, namespace, timeout_seconds=3600):
+                now = time.time()
+                pod = ev["object"]
+                labels = pod.metadata.labels or {}
+                if "amlfs.io/search" not in labels:
+                    continue
+                key = (labels["amlfs.io/search"], int(labels.get("amlfs.io/epoch", "-1")))
+                if ev["type"] == "ADDED":
+                    self.added[key].append(now)
+                if pod.status and pod.status.phase == "Succeeded" and pod.metadata.uid not in self._done:
+                    self._done.add(pod.metadata.uid)
+                    self.succeeded[key].append(now)
+        except Exception:  # the API server goes away at the end
+            pass
+
+    def stop(self) -> None:
+        self._w.stop()
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Bench:
+    def __init__(self, base: Path, args: argparse.Namespace) -> None:
+        self.base, self.args = base, args
+
+    def __enter__(self) -> Bench:
+        base = self.base
+        base.mkdir(parents=True, exist_ok=True)
+        self.audit_log = base / "audit.log"
+        policy = base / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump(AUDIT_POLICY))
+        self.s3 = S3Server(base / "s3").start()
+        self.cp = ControlPlane(
+            workdir=base / "cp",
+            extra_apiserver_args=[
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
+            ],
+        ).start()
+        self.children: list[subprocess.Popen[bytes]] = []
+        env = dict(os.environ, **self.s3.env())
+        for i in range(self.args.nodes):
+            self.children.append(
+                self.spawn(
+                    "kubelet",
+                    i,
+                    [
+                        __file__,
+                        "--run-kubelet",
+                        f"node-{i}",
+                        str(base / f"kubelet-{i}"),
+                        str(self.cp.kubelet_kubeconfig),
+                        str(self.cp.ca_file),
+                    ],
+                    env,
+                )
+            )
+        self.pushgateway = Pushgateway(workdir=base / "pushgateway").start()
+        url_file, self.pushes = base / "fakes.url", base / "pushes.jsonl"
+        self.children.append(
+            self.spawn(
+                "fakes",
+                0,
+                ["-m", "tests.support.fake_trainer", "--url-file", str(url_file), "--record", str(self.pushes)],
+                env,
+            )
+        )
+        deadline = time.monotonic() + 60
+        while not url_file.exists() or not self.nodes_ready():
+            if time.monotonic() > deadline or any(c.poll() is not None for c in self.children):
+                raise SystemExit(f"fake trainers or kubelets did not start; logs in {base}")
+            time.sleep(0.2)
+        self.fakes_url = url_file.read_text()
+        self.kubectl("apply", "-f", str(REPO / "crds" / "losssearch.yaml"))
+        for attempt in range(10):  # right after the apply, the CRD may have no conditions yet to wait on
+            try:
+                self.kubectl("wait", "--for=condition=Established", "crd/losssearches.amlfs.io", "--timeout=60s")
+                break
+            except SystemExit:
+                if attempt == 9:
+                    raise
+                time.sleep(0.5)
+        self.kubectl("create", "namespace", OPERATOR_NS)
+        self.kubectl("create", "serviceaccount", OPERATOR_SA, "-n", OPERATOR_NS)
+        self.kubectl(
+            "create",
+            "clusterrolebinding",
+            "amlfs-operator-bench",
+            "--clusterrole=cluster-admin",
+            f"--serviceaccount={OPERATOR_NS}:{OPERATOR_SA}",
+        )
+        token = self.kubectl("create", "token", OPERATOR_SA, "-n", OPERATOR_NS, "--duration=24h").strip()
+        self.op_kubeconfig = write_kubeconfig(
+            base / "operator.kubeconfig", self.cp.server, self.cp.ca_file, OPERATOR_SA, token=token
+        )
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=str(self.cp.kubeconfig), client_configuration=cfg)
+        self.api = client.ApiClient(cfg)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for child in self.children:
+            child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        for thing in (self.pushgateway, self.cp, self.s3):
+            try:
+                thing.stop()
+            except Exception as e:  # keep tearing down the rest
+                print(f"# stop failed: {e}", file=sys.stderr)
+
+    def spawn(self, what: str, i: int, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with open(self.base / f"{what}-{i}.log", "wb") as log:
+            return subprocess.Popen(
+                [sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            )
+
+    def nodes_ready(self) -> bool:
+        out = subprocess.run(
+            [str(self.cp.kubectl_path), f"--kubeconfig={self.cp.kubeconfig}", "get", "nodes", "-o", "name"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return len(out.stdout.split()) >= self.args.nodes
+
+    def kubectl(self, *args: str, input: str | None = None) -> str:
+        out = subprocess.run(
+            [str(self.cp.kubectl_path), f"--kubeconfig={self.cp.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise SystemExit(f"kubectl {' '.join(args)}: {out.stderr}")
+        return out.stdout
+
+    def search_doc(self, namespace: str, name: str) -> dict[str, Any]:
+        a = self.args
+        return {
+            "apiVersion": "amlfs.io/v1alpha1",
+            "kind": "LossSearch",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "search": {"epochs": a.epochs, "samplesPerEpoch": a.samples},
+                "storage": {"uri": f"s3://{self.s3.bucket}/bench", "endpoint": self.s3.endpoint},
+                "trainer": {
+                    "image": "amlfs-fake-trainer",
+                    "metricsPort": 0,
+                    "resources": {"gpu": 0, "cpu": "1m", "memory": "1Mi"},
+                    "podTemplate": pod_template(self.fakes_url, sleep=a.sleep),
+                },
+            },
+        }
+
+    def run(self, n: int) -> dict[str, Any]:
+        from kubernetes import client
+
+        a = self.args
+        namespace = f"scale-{n}-{int(time.time())}"
+        self.kubectl("create", "namespace", namespace)
+        core = client.CoreV1Api(self.api)
+        custom = client.CustomObjectsApi(self.api)
+        times = PodTimes(core, namespace)
+        metrics_port, health_port = free_port(), free_port()
+        env = dict(os.environ, KUBECONFIG=str(self.op_kubeconfig), **self.s3.env())
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO / "operator"), str(REPO / "trainer_image"), env.get("PYTHONPATH", "")]
+        )
+        log = open(self.base / f"operator-{n}.log", "wb")  # noqa: SIM115 (closed below)
+        op = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "amlfs.controller.main",
+                "--namespace",
+                namespace,
+                "--pushgateway",
+                self.pushgateway.url,
+                "--metrics-port",
+                str(metrics_port),
+                "--health-port",
+                str(health_port),
+                "--interval",
+                str(a.interval),
+                *(["--workers", str(a.workers)] if a.workers else []),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2).close()
+                    break
+                except OSError:
+                    if op.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(
+                            f"operator did not start:\n{(self.base / f'operator-{n}.log').read_text()}"
+                        ) from None
+                    time.sleep(0.2)
+            time.sleep(2)  # the initial lists and watches
+            audit_start = self.audit_log.stat().st_size
+            cpu0, t0 = proc_cpu_seconds(op.pid), time.time()
+            names = [f"s{i:03d}" for i in range(n)]
+            docs = "---\n".join(yaml.safe_dump(self.search_doc(namespace, name)) for name in names)
+            self.kubectl("apply", "-f", "-", input=docs)
+            phases: dict[str, str] = {}
+            epochs_done = 0
+            limit = time.monotonic() + a.timeout
+            while time.monotonic() < limit:
+                items = custom.list_namespaced_custom_object("amlfs.io", "v1alpha1", namespace, "losssearches")["items"]
+                phases = {o["metadata"]["name"]: (o.get("status") or {}).get("phase", "") for o in items}
+                epochs_done = sum(int((o.get("status") or {}).get("epoch", 0)) for o in items)
+                if len(phases) == n and all(p in ("Succeeded", "Failed") for p in phases.values()):
+                    break
+                time.sleep(1)
+            wall = time.time() - t0
+            cpu = proc_cpu_seconds(op.pid) - cpu0
+            rss = proc_peak_rss_mb(op.pid)
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+                op_metrics = resp.read().decode()
+            with open(self.audit_log, "rb") as fh:
+                fh.seek(audit_start)
+                lines = fh.read().decode(errors="replace").splitlines()
+        finally:
+            op.terminate()
+            try:
+                op.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                op.kill()
+            log.close()
+            times.stop()
+        requests: collections.Counter[str] = collections.Counter()
+        for line in lines:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("user", {}).get("username") != OPERATOR_USER:
+                continue
+            ref = ev.get("objectRef", {})
+            what = ref.get("resource", "?") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+            requests[f"{ev.get('verb')} {what}"] += 1
+        overhead, from_succeeded = [], []
+        pushes = read_record(self.pushes)
+        for name in names:
+            for e in range(1, a.epochs):
+                pushed = [pushes.get((namespace, name, e - 1, s)) for s in range(a.samples)]
+                added = times.added.get((name, e), [])
+                succ = times.succeeded.get((name, e - 1), [])
+                if None in pushed or len(added) < a.samples:
+                    continue
+                overhead.append(sorted(added)[a.samples - 1] - max(p for p in pushed if p is not None))
+                if len(succ) >= a.samples:
+                    from_succeeded.append(sorted(added)[a.samples - 1] - max(succ))
+        search_epochs = max(1, epochs_done)
+        passes: dict[str, float] = {}
+        for line in op_metrics.splitlines():
+            for metric in ("amlfs_operator_reconcile_duration_seconds_", "amlfs_operator_pass_wait_seconds_"):
+                if line.startswith(metric):
+                    head, _, value = line.rpartition(" ")
+                    passes[head.replace("amlfs_operator_", "")] = float(value)
+        self.kubectl("delete", "namespace", namespace, "--wait=false")
+        return {
+            "searches": n,
+            "samples": a.samples,
+            "epochs": a.epochs,
+            "succeeded": sum(1 for p in phases.values() if p == "Succeeded"),
+            "wall_s": wall,
+            "search_epochs": epochs_done,
+            "overhead_p50_s": percentile(overhead, 50),
+            "overhead_p99_s": percentile(overhead, 99),
+            "overhead_max_s": max(overhead, default=float("nan")),
+            "from_succeeded_p50_s": percentile(from_succeeded, 50),
+            "from_succeeded_p99_s": percentile(from_succeeded, 99),
+            "operator_peak_rss_mb": rss,
+            "operator_cpu_s": cpu,
+            "cpu_s_per_search_epoch": cpu / search_epochs,
+            "requests": sum(requests.values()),
+            "requests_per_search_epoch": sum(requests.values()) / search_epochs,
+            "requests_by_kind": dict(requests.most_common()),
+            "passes": passes.get("reconcile_duration_seconds_count", 0.0),
+            "pass_mean_s": passes.get("reconcile_duration_seconds_sum", 0.0)
+            / max(1.0, passes.get("reconcile_duration_seconds_count", 0.0)),
+            "pass_wait_mean_s": passes.get("pass_wait_seconds_sum", 0.0)
+            / max(1.0, passes.get("pass_wait_seconds_count", 0.0)),
+            "pass_histograms": passes,
+        }
+
+    def pod_watch_uris(self) -> list[str]:
+        """How the operator asked for pods (evidence of the server-side label selector)."""
+        out = []
+        for line in self.audit_log.read_text(errors="replace").splitlines():
+            ev = json.loads(line)
+            if ev.get("objectRef", {}).get("resource") == "pods" and ev.get("verb") in ("list", "watch"):
+                out.append(f"{ev['verb']} {ev['requestURI']}")
+        return sorted(set(out))
+
+
+def run_kubelet(node: str, workdir: str, kubeconfig: str, ca_file: str) -> None:
+    """One node, as a process of its own (`--run-kubelet`), until SIGTERM."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    kubelet = ProcessKubelet(
+        kubeconfig, node_name=node, workdir=workdir, cpu="1000", memory="1000Gi", pods=5000, ca_file=ca_file
+    ).start()
+    try:
+        stop.wait()
+    finally:
+        kubelet.stop()
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--run-kubelet"]:
+        run_kubelet(*sys.argv[2:6])
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--searches", type=int, nargs="+", default=[1, 12], help="N values, one run each")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--sleep", type=float, default=1.0, help="seconds each fake trainer sleeps")
+    ap.add_argument("--interval", type=float, default=5.0, help="the operator's AMLFS_INTERVAL")
+    ap.add_argument("--workers", type=int, default=0, help="the operator's AMLFS_WORKERS (default: its own)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for one N to finish")
+    ap.add_argument("--nodes", type=int, default=8, help="process kubelets (nodes) running the fake pods")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--workdir", type=Path, help="keep logs and state here (default: a temporary directory)")
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="amlfs-scale-") as tmp, Bench(args.workdir or Path(tmp), args) as bench:
+        for n in args.searches:
+            r = bench.run(n)
+            results.append(r)
+            print(
+                f"N={n:3d} B={r['samples']} E={r['epochs']}: {r['succeeded']}/{n} succeeded in {r['wall_s']:.0f}s; "
+                f"overhead p50 {r['overhead_p50_s']:.2f}s p99 {r['overhead_p99_s']:.2f}s "
+                f"(from Succeeded: p50 {r['from_succeeded_p50_s']:.2f}s p99 {r['from_succeeded_p99_s']:.2f}s); "
+                f"operator peak RSS {r['operator_peak_rss_mb']:.0f} MB, "
+                f"{r['cpu_s_per_search_epoch']:.3f} CPU-s and {r['requests_per_search_epoch']:.1f} API requests "
+                f"per search-epoch",
+                flush=True,
+            )
+            print("   requests:", ", ".join(f"{k} {v}" for k, v in r["requests_by_kind"].items()), flush=True)
+            print(
+                f"   passes: {r['passes']:.0f}, mean {r['pass_mean_s'] * 1e3:.0f} ms, "
+                f"mean wait for a worker {r['pass_wait_mean_s'] * 1e3:.0f} ms",
+                flush=True,
+            )
+        print("pod list/watch requests of the operator:", *bench.pod_watch_uris(), sep="\n  ")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

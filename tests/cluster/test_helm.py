@@ -216,7 +216,7 @@ def test_run_as_user_null_leaves_the_uid_to_the_platform(helm_bin, monkeypatch) 
         monkeypatch.setenv("AMLFS_POD_RUN_AS_USER", env_value)
         settings = Settings(run_as_user=parser().parse_args([]).pod_run_as_user)
         spec = LossSearchSpec.model_validate(yaml.safe_load(EXAMPLE.read_text())["spec"])
-        start = StartSample(0, 0, 0, [0.0], {}, None, "s3://b/x")
+        start = StartSample(0, 0, 0, [0.0], None, "s3://b/x")
         return trainer_pod(spec, "s", "ns", start, settings.pods())["spec"]["securityContext"]
 
     restricted = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
@@ -266,7 +266,7 @@ def test_monitors_select_what_the_operator_creates(helm_bin) -> None:
     raw = yaml.safe_load(EXAMPLE.read_text())["spec"]
     raw["trainer"]["metricsPort"] = 9400  # live /metrics on (the example turns them off)
     spec = LossSearchSpec.model_validate(raw)
-    pod = trainer_pod(spec, "s", "team-a", StartSample(0, 0, 0, [0.0], {}, None, "s3://b/x"), PodSettings())
+    pod = trainer_pod(spec, "s", "team-a", StartSample(0, 0, 0, [0.0], None, "s3://b/x"), PodSettings())
     psel = pm["spec"]["selector"]["matchLabels"]
     assert psel.items() <= pod["metadata"]["labels"].items()
     assert not psel.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
@@ -354,7 +354,7 @@ def test_trainer_pods_without_a_uid_pass_the_restricted_pod_security_standard(cl
 
     cluster.kubectl("label", "namespace", namespace, RESTRICTED)
     spec = LossSearchSpec.model_validate(yaml.safe_load(EXAMPLE.read_text())["spec"])
-    start = StartSample(0, 0, 0, [0.0], {}, None, "s3://b/x")
+    start = StartSample(0, 0, 0, [0.0], None, "s3://b/x")
     pod = trainer_pod(spec, "s", namespace, start, PodSettings(run_as_user=None))
     assert "runAsUser" not in pod["spec"]["securityContext"] and "fsGroup" not in pod["spec"]["securityContext"]
     out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(pod)).stdout

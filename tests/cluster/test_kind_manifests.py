@@ -252,7 +252,7 @@ def test_prometheus_discovers_the_operator_and_the_trainer_pods(cluster, namespa
     raw = yaml.safe_load(EXAMPLE.read_text())["spec"]
     raw["trainer"]["metricsPort"] = 9400  # live /metrics on (the example turns them off)
     spec = LossSearchSpec.model_validate(raw)
-    trainer = trainer_pod(spec, "disco", namespace, StartSample(0, 0, 0, [0.0], {}, None, "s3://b/x"), PodSettings())
+    trainer = trainer_pod(spec, "disco", namespace, StartSample(0, 0, 0, [0.0], None, "s3://b/x"), PodSettings())
 
     def sleeper(name: str, labels: dict, ports: list[dict]) -> dict:
         return {

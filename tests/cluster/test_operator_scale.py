@@ -125,7 +125,10 @@ def test_pods_come_from_the_index_not_from_a_list_per_pass(cluster, monitoring, 
         op.stop()
     pod_lists = lists("pods") - before[0] - (lists("configmaps") - before[1])
     assert passes >= 6, passes
-    assert pod_lists <= 2, f"{pod_lists} LISTs of pods for {passes} passes"
+    # A LIST per pass (what an operator without the index does) makes pod_lists >= passes. The watch's own LIST
+    # and relists account for 1-2; other clients of the shared control plane (leftovers of earlier tests being
+    # torn down) add a few more in a full run, so the bound is relative to the passes.
+    assert pod_lists < passes / 2, f"{pod_lists} LISTs of pods for {passes} passes"
 
 
 def test_failed_and_deleted_searches_leave_no_pushgateway_groups_or_series(

@@ -17,7 +17,7 @@ from amlfs_trainer.losses import TAU_FLOOR, build_loss, class_balanced_weights
 
 AMLFS = get_space("amlfs")
 SEARCH_SOFTMAX = get_space("search-softmax")
-PARAMS = ("monotone", "paper")
+PARAMS = ("monotone", "paper", "bounded")
 SIGMA = 0.2
 
 

@@ -23,7 +23,8 @@ DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist"
 MODELS = ("mlp", "small-cnn", "cnn1d", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50")
 SPACES = ("amlfs", "search-softmax")
 PRESETS = ("softmax", "cosface", "arcface", "focal", "gce", "mae", "sce", "label-smoothing", "poly1")
-DEFAULT_PARAMETERIZATION = "bounded"
+Parameterization = Literal["monotone", "paper", "bounded"]
+DEFAULT_PARAMETERIZATION: Parameterization = "bounded"
 
 # Presets a search can start from (search mode), per parameterisation of the amlfs space. label-smoothing is not
 # a loss of the target probability; monotone keeps tau(0) = 0 (no gce, mae); bounded has tau linear above its
@@ -267,7 +268,7 @@ class SearchSpec(Model):
         description="amlfs (piecewise-linear t and tau) or search-softmax.",
         json_schema_extra=cel(immutable("spec.search.space", "mu lives in this space")),
     )
-    parameterization: Literal["monotone", "paper", "bounded"] = Field(
+    parameterization: Parameterization = Field(
         DEFAULT_PARAMETERIZATION,
         description="amlfs space only. bounded: t given by offsets at its knots, tau(p) = tau0 + (1 - tau0) p "
         "with a floor tau0 >= 0 (cross-entropy at tau0 = 0; bounded above 0, robust to label noise). monotone: "

@@ -4,7 +4,9 @@
   selection-only  B samples per epoch, all with cross-entropy, best-of-B kept (the baseline every claim uses)
   paper           AM-LFS as in the paper: per-piece (a, b) for t and tau, sigma 0.2 everywhere, Adam lr 0.05 on mu,
                   no trust region
-  default         amlfs defaults: monotone log-slopes with tau(0) = 0, elitism, sigma 0.2, Adam lr 0.05, muBound 1
+  default         amlfs defaults (see the spec: today bounded, common random numbers, antithetic pairs, elitism,
+                  sigma 0.2, Adam lr 0.05, muBound 1); the first table of docs/results.md was measured with the
+                  earlier monotone default
 
 Prints per-seed and mean test accuracy of the final model (the last epoch's best sample) and the ratio of each
 arm to selection-only. Runs every sample inline through the trainer CLI (no per-process start-up), CPU or GPU.

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from amlfs import core, reinforce
-from amlfs.spaces import SpaceConfig, get_space
+from amlfs.spaces import get_space
 from amlfs.spec import LossSearchSpec
 from amlfs.status import AdamState, LossSearchStatus
 
@@ -69,7 +69,7 @@ def test_theta_is_a_pure_function_of_seed_epoch_sample():
 
 def test_same_seed_same_sequence_whatever_restarts():
     spec = make_spec()
-    target = [0.3] * get_space("amlfs").dim(SpaceConfig(3))
+    target = [0.3] * get_space("amlfs").dim(core.space_config(spec))
     s1, _, t1 = run_search(spec, quadratic(target))
     s2, _, t2 = run_search(spec, quadratic(target), restart_every=1)
     s3, _, t3 = run_search(spec, quadratic(target), restart_every=3)
@@ -82,7 +82,7 @@ def test_same_seed_same_sequence_whatever_restarts():
 
 def test_reinforce_moves_mu_towards_better_rewards():
     spec = make_spec(epochs=60, samplesPerEpoch=8, lr=0.05, elitism=False)
-    dim = get_space("amlfs").dim(SpaceConfig(3))
+    dim = get_space("amlfs").dim(core.space_config(spec))
     target = [0.5 if i % 2 == 0 else -0.5 for i in range(dim)]
     status, _, _ = run_search(spec, quadratic(target))
     before = math.dist([0.0] * dim, target)
@@ -289,8 +289,26 @@ def test_presets_as_fixed_losses_and_class_balance_on_every_program():
     program = core.program_for(spec, start.theta)  # what the trainer derives from the sample's theta
     assert program["name"] == "label-smoothing" and program["labelSmoothing"] == 0.2
     assert program["classBalance"] == 0.99
-    spec = make_spec(init={"preset": "poly1", "polyEpsilon": 2.0, "classBalance": 0.9})
+    spec = make_spec(parameterization="monotone", init={"preset": "poly1", "polyEpsilon": 2.0, "classBalance": 0.9})
     st, acts = core.step(spec, None, [], ROOT)
     programs = [core.program_for(spec, a.theta) for a in acts if isinstance(a, core.StartSample)]
     assert all(p["kind"] == "piecewise" and p["classBalance"] == 0.9 for p in programs)
     assert st.mu != [0.0] * len(st.mu)  # the warm start differs from cross-entropy
+
+
+def test_antithetic_samples_come_in_mirrored_pairs_after_the_elite():
+    mu = [0.5, -0.5, 0.0]
+    t = reinforce.sample_thetas(mu, 0.2, 3, 1, 6, elitism=True, antithetic=True)
+    assert t[0] == mu
+    for a, b in ((1, 2), (3, 4)):
+        assert [x + y for x, y in zip(t[a], t[b], strict=True)] == pytest.approx([2 * m for m in mu])
+    assert t[1] != t[3] and t[5] != [2 * m - x for m, x in zip(mu, t[4], strict=True)]  # the odd one is unpaired
+    plain = reinforce.sample_thetas(mu, 0.2, 3, 1, 6, elitism=True)
+    assert t[1] == plain[1] and t[3] == plain[3]  # the first of each pair is the plain sample
+    t = reinforce.sample_thetas(mu, 0.2, 3, 1, 4, elitism=False, antithetic=True)
+    assert [x + y for x, y in zip(t[0], t[1], strict=True)] == pytest.approx([2 * m for m in mu])
+    # the core samples them so and the update follows the reward
+    spec = make_spec(epochs=1, antithetic=True, elitism=False)
+    _, actions, _ = run_search(spec, lambda th, e, s: 10.0 + th[0])
+    hist = next(a for a in actions if isinstance(a, core.AppendHistory)).record
+    assert hist["muAfter"][0] > hist["muBefore"][0]

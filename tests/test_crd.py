@@ -235,8 +235,8 @@ def test_defaults_reproduce_the_models_defaults(schema):
     assert spec["default"] == {}
     defaulted = apply_defaults(schema, {"spec": {}})["spec"]
     assert defaulted == LossSearchSpec().model_dump(mode="json", by_alias=True)
-    partial = apply_defaults(schema, {"spec": {"search": {"epochs": 3, "init": {"preset": "focal"}}}})["spec"]
-    expected = LossSearchSpec.model_validate({"search": {"epochs": 3, "init": {"preset": "focal"}}})
+    partial = apply_defaults(schema, {"spec": {"search": {"epochs": 3, "init": {"preset": "gce"}}}})["spec"]
+    expected = LossSearchSpec.model_validate({"search": {"epochs": 3, "init": {"preset": "gce"}}})
     assert partial == expected.model_dump(mode="json", by_alias=True)
     assert defaulted["optimizer"]["milestones"] == [0.5, 0.75]  # a default_factory list
 
@@ -286,6 +286,7 @@ def test_cel_rules_name_the_field_and_the_fix(schema):
         ".spec.search.logitRange",
         ".spec.search.commonRandomNumbers",
         ".spec.search.reward",
+        ".spec.search.antithetic",
     }
     # the knobs a user raises on a running search stay mutable
     for path in (".spec.search.epochs", ".spec.suspend", ".spec.optimizer", ".spec.trainer"):

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 from amlfs.spaces import SpaceConfig, evaluate, get_space, preset_program
 from amlfs.spaces.base import piece_index, preset_tau
-from amlfs.spec import InitSpec
+from amlfs.spec import REPRESENTABLE, InitSpec
 from amlfs_trainer.losses import TAU_FLOOR, build_loss, class_balanced_weights
 
 AMLFS = get_space("amlfs")
 SEARCH_SOFTMAX = get_space("search-softmax")
-PARAMS = ("monotone", "paper")
+PARAMS = ("monotone", "paper", "bounded")
 SIGMA = 0.2
 
 
@@ -319,7 +319,7 @@ def test_arcface_warm_start_is_close(parameterization: str, m: int) -> None:
     assert (diff <= s * 0.37).all()  # sup |t_warm - phi| on [-1, 1] is 0.362 (at cos = -1) for m = 0.5
 
 
-@pytest.mark.parametrize("parameterization", PARAMS)
+@pytest.mark.parametrize("parameterization", ["monotone", "paper"])  # bounded cannot start from focal
 @pytest.mark.parametrize("m", [6, 16])
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
 def test_focal_warm_start_is_close(parameterization: str, m: int, gamma: float) -> None:
@@ -348,13 +348,18 @@ def test_robust_warm_starts_interpolate_tau_where_representable(parameterization
     init = InitSpec(preset=preset)  # type: ignore[arg-type]
     cfg = cfg_for("linear", 6, parameterization)
     bounded = preset in ("gce", "mae")
-    if preset == "label-smoothing" or (bounded and parameterization == "monotone"):
-        with pytest.raises(ValueError, match=r"representable|tau\(0\)"):
+    if preset not in REPRESENTABLE[parameterization]:
+        with pytest.raises(ValueError, match="not representable"):
             AMLFS.from_preset(init, cfg)
         return
     program = AMLFS.program(AMLFS.from_preset(init, cfg), cfg)
-    for k in range(7):
-        assert evaluate(program, "tau", k / 6) == pytest.approx(preset_tau(init, k / 6), rel=1e-9, abs=1e-12)
+    if parameterization == "bounded":  # tau(0) and tau(1) exactly, linear in between
+        for k in range(7):
+            tau0 = preset_tau(init, 0.0)
+            assert evaluate(program, "tau", k / 6) == pytest.approx(tau0 + (1 - tau0) * k / 6, rel=1e-9)
+    else:
+        for k in range(7):
+            assert evaluate(program, "tau", k / 6) == pytest.approx(preset_tau(init, k / 6), rel=1e-9, abs=1e-12)
     assert (evaluate(program, "tau", 0.0) > 0.1) == bounded
     # so the warm loss is bounded exactly when the preset is
     z = torch.tensor([[-30.0, 30.0, 0.0]])
@@ -660,3 +665,27 @@ def test_bad_head_scale_and_shapes() -> None:
         build_loss(GOOD, "cosine", 16.0, reduction="sum")
     with pytest.raises(ValueError, match="outputs"):
         build_loss(GOOD, "cosine", 16.0)(torch.zeros(4), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+def test_bounded_floor_ignores_hopeless_rows_and_is_cross_entropy_below_zero(head: str) -> None:
+    """tau = tau0 + (1 - tau0) p: the loss is at most -log tau0 and the gradient of a row with p << tau0 is
+    (1 - tau0) p / tau times cross-entropy's; w <= 0 is cross-entropy exactly."""
+    cfg = cfg_for(head, 6, "bounded", scale=16.0)
+    z, y = random_outputs(head, 64, 10, torch.Generator().manual_seed(8), spread=4.0)
+    ce = build_loss(AMLFS.program(AMLFS.identity(cfg), cfg), head, 16.0, reduction="none")(z, y)
+    for w in (0.0, -0.7):
+        theta = [*AMLFS.identity(cfg)[:-1], w]
+        rows = build_loss(AMLFS.program(theta, cfg), head, 16.0, reduction="none")(z, y)
+        assert torch.equal(rows, ce)
+    theta = [*AMLFS.identity(cfg)[:-1], 0.4]  # tau0 = 0.1
+    z.requires_grad_(True)
+    rows = build_loss(AMLFS.program(theta, cfg), head, 16.0, reduction="none")(z, y)
+    p = torch.softmax(z.detach() * scale_of(head, 16.0), 1).gather(1, y.view(-1, 1)).squeeze(1)
+    torch.testing.assert_close(rows, -torch.log(0.1 + 0.9 * p), rtol=1e-5, atol=1e-6)
+    assert rows.max() <= -math.log(0.1) + 1e-6
+    (g,) = torch.autograd.grad(rows.sum(), z)
+    (g_ce,) = torch.autograd.grad(F.cross_entropy(z * scale_of(head, 16.0), y, reduction="sum"), z)
+    ratio = g.gather(1, y.view(-1, 1)).squeeze(1) / g_ce.gather(1, y.view(-1, 1)).squeeze(1)
+    torch.testing.assert_close(ratio, 0.9 * p / (0.1 + 0.9 * p), rtol=1e-3, atol=1e-5)
+    assert (ratio[p < 1e-3] < 0.01).all() and (p < 1e-3).any()

@@ -37,8 +37,8 @@ def base_args(tmp_path: Path, spec: LossSearchSpec, epoch: int, *extra: str) -> 
     return ["--spec", f"@{spec_file}", "--search", "t", "--epoch", str(epoch), "--device", "cpu", *extra]
 
 
-def thetas(n: int) -> list[list[float]]:
-    ident = get_space("amlfs").identity(SpaceConfig(4))
+def thetas(spec: LossSearchSpec, n: int) -> list[list[float]]:
+    ident = get_space("amlfs").identity(SpaceConfig.from_spec(spec))
     return [[v + 0.15 * i * (-1) ** j for j, v in enumerate(ident)] for i in range(n)]
 
 
@@ -82,7 +82,7 @@ def test_pack_members_equal_the_samples_trained_alone(tmp_path, model, mode):
     r0 = storage.read_json(f"{out0}/result.json")
     start = ["--start", r0["checkpoint"], "--start-sha256", r0["sha256"]]
     k = 2 if model == "resnet20" else 3  # keeps the slower model's test short
-    ths = thetas(k)
+    ths = thetas(spec, k)
     solo = []
     for i, th in enumerate(ths):
         out = f"file://{tmp_path}/solo{i}"

@@ -123,15 +123,18 @@ def test_changed_search_space_is_refused_on_resume(tmp_path, capsys):
     assert st.epoch == 2 and [h.epoch for h in st.history] == [0, 1]
 
 
-def test_resume_accepts_a_spec_written_before_new_fields_existed(tmp_path):
-    runner = LocalRunner(parse_manifest(MANIFEST), tmp_path)
+def test_resume_of_a_search_begun_before_new_fields_existed(tmp_path):
+    doc = json.loads(json.dumps(MANIFEST))
+    doc["spec"]["search"] |= {"commonRandomNumbers": False, "antithetic": False}
+    runner = LocalRunner(parse_manifest(doc), tmp_path)
     runner.dir.mkdir(parents=True)
     old = json.loads(runner.spec.model_dump_json(by_alias=True))
-    del old["search"]["commonRandomNumbers"]  # a spec.json from before the field: counts with its default
+    for key in ("commonRandomNumbers", "antithetic", "reward"):
+        del old["search"][key]  # a spec.json from before the fields: it ran without them
     runner.spec_path.write_text(json.dumps(old))
     assert runner.load() is None
-    old["search"]["commonRandomNumbers"] = True
-    runner.spec_path.write_text(json.dumps(old))
+    # the new defaults would change how the old search samples: refused, naming the field
+    runner = LocalRunner(parse_manifest(MANIFEST), tmp_path)
     with pytest.raises(SpecError, match=r"spec.search.commonRandomNumbers: changed"):
         runner.load()
 

@@ -33,16 +33,18 @@ def test_spec_round_trips_through_json_with_camel_case():
     assert spec_from_json(text) == spec
 
 
-def test_defaults_are_the_stable_ones():
+def test_defaults_are_the_measured_ones():
     s = LossSearchSpec().search
-    assert (s.space, s.parameterization, s.intervals, s.sigma, s.lr, s.elitism) == (
+    assert (s.space, s.parameterization, s.intervals, s.sigma, s.lr, s.elitism, s.mu_bound) == (
         "amlfs",
-        "monotone",
+        "bounded",
         6,
         0.2,
         0.05,
         True,
+        1.0,
     )
+    assert (s.common_random_numbers, s.antithetic, s.reward) == (True, True, "accuracy")
 
 
 def write(tmp_path: Path, spec_patch: dict | None = None, text: str | None = None) -> Path:
@@ -79,7 +81,12 @@ BAD = [
     ({"spec.storage.uri": "ftp://x/y"}, "spec.storage", "s3://bucket/prefix"),
     ({"spec.search.init.preset": "arcface"}, "spec", "model.head: cosine"),
     ({"spec.search.init.preset": "label-smoothing"}, "spec", "search.mode: selection-only"),
-    ({"spec.search.init.preset": "gce"}, "spec", "search.parameterization: paper"),
+    ({"spec.search.init.preset": "focal"}, "spec", "not representable in the bounded parameterization"),
+    (
+        {"spec.search.init.preset": "gce", "spec.search.parameterization": "monotone"},
+        "spec",
+        "not representable in the monotone parameterization",
+    ),
     ({"spec.search.init.q": 0}, "spec.search.init.q", "> 0"),
     ({"spec.search.init.classBalance": 1.0}, "spec.search.init.classBalance", "< 1"),
     ({"kind": "Pod"}, "kind", "LossSearch"),

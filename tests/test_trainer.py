@@ -24,7 +24,8 @@ SPEC = LossSearchSpec.model_validate(
         "task": {"dataset": "digits", "batchSize": 32, "trainLimit": 256},
         "model": {"name": "small-cnn", "width": 8},
         "optimizer": {"lr": 0.05},
-        "search": {"epochs": 3, "samplesPerEpoch": 2, "intervals": 4},
+        # independent data orders per sample (the tests of common random numbers turn them on)
+        "search": {"epochs": 3, "samplesPerEpoch": 2, "intervals": 4, "commonRandomNumbers": False},
     }
 )
 
@@ -50,7 +51,7 @@ def args(tmp_path: Path, epoch: int, sample: int, out: str, *extra: str, spec: L
 
 
 def identity() -> list[float]:
-    return get_space("amlfs").identity(SpaceConfig(4))
+    return get_space("amlfs").identity(SpaceConfig.from_spec(SPEC))
 
 
 def test_one_epoch_then_the_next_from_its_checkpoint(tmp_path):

@@ -17,6 +17,7 @@ import torch
 
 from amlfs import contract, storage
 from amlfs.contract import EXIT_CONFIG, EXIT_OK
+from amlfs.spaces import SpaceConfig, get_space
 from amlfs.spec import LossSearchSpec, spec_to_json
 from amlfs_trainer import cli, worker
 
@@ -28,7 +29,8 @@ SPEC = LossSearchSpec.model_validate(
         "search": {"epochs": 2, "samplesPerEpoch": 3, "intervals": 3},
     }
 )
-THETA = (0.1, -0.05, 0.0, 0.02, 0.0, 0.05, -0.1)
+# a loss near cross-entropy, in the space and parameterisation of SPEC
+THETA = tuple(v + 0.05 * (-1) ** i for i, v in enumerate(get_space("amlfs").identity(SpaceConfig.from_spec(SPEC))))
 
 
 def invocation(tmp_path: Path, out: str, epoch: int = 0, sample: int = 0, **kw: Any) -> contract.Invocation:

@@ -214,7 +214,9 @@ def _plan_epoch(s: _Step) -> None:
     if sp.mode == "selection-only":
         thetas = [list(st.mu) for _ in range(sp.samples_per_epoch)]
     else:
-        thetas = reinforce.sample_thetas(st.mu, st.sigma, sp.seed, st.epoch, sp.samples_per_epoch, sp.elitism)
+        thetas = reinforce.sample_thetas(
+            st.mu, st.sigma, sp.seed, st.epoch, sp.samples_per_epoch, sp.elitism, sp.antithetic
+        )
     st.samples = [SampleStatus(index=i, theta=t) for i, t in enumerate(thetas)]
     st.message = ""
 

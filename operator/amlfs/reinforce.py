@@ -14,14 +14,21 @@ def noise(seed: int, epoch: int, sample: int, dim: int) -> list[float]:
     return [rng.gauss(0.0, 1.0) for _ in range(dim)]
 
 
-def sample_thetas(mu: list[float], sigma: float, seed: int, epoch: int, count: int, elitism: bool) -> list[list[float]]:
+def sample_thetas(
+    mu: list[float], sigma: float, seed: int, epoch: int, count: int, elitism: bool, antithetic: bool = False
+) -> list[list[float]]:
+    """theta = mu + sigma eps for every sample (sample 0 is mu itself with elitism). Antithetic: the sampled
+    ones come in mirrored pairs mu + sigma eps, mu - sigma eps (an odd one out stays unpaired)."""
     out = []
+    first = 1 if elitism else 0
     for i in range(count):
-        if elitism and i == 0:
+        if i < first:
             out.append(list(mu))
-        else:
-            eps = noise(seed, epoch, i, len(mu))
-            out.append([m + sigma * e for m, e in zip(mu, eps, strict=True)])
+            continue
+        mirror = antithetic and (i - first) % 2 == 1
+        eps = noise(seed, epoch, i - 1 if mirror else i, len(mu))
+        sign = -1.0 if mirror else 1.0
+        out.append([m + sign * sigma * e for m, e in zip(mu, eps, strict=True)])
     return out
 
 

@@ -42,6 +42,7 @@ from amlfs.contract import EXIT_CONFIG
 from amlfs.spec import LossSearch, LossSearchSpec, SpecError
 from amlfs.status import LossSearchStatus
 
+LEGACY_SEARCH = {"commonRandomNumbers": False, "antithetic": False, "reward": "accuracy"}
 IMMUTABLE = (
     "space",
     "parameterization",
@@ -53,6 +54,7 @@ IMMUTABLE = (
     "logitRange",
     "commonRandomNumbers",
     "reward",
+    "antithetic",
 )
 STOP_TIMEOUT = 10.0  # seconds a trainer gets to exit after SIGTERM (or an idle worker after end of input)
 Notify = Callable[[str, dict], None]
@@ -417,8 +419,8 @@ class LocalRunner:
 
     def _check_same_search(self, old: dict) -> None:
         new = json.loads(self.spec.model_dump_json(by_alias=True))
-        with contextlib.suppress(ValueError):  # fields added since the search began count with their defaults
-            old = json.loads(LossSearchSpec.model_validate(old).model_dump_json(by_alias=True))
+        # a field missing from a search begun before it existed counts with the value that reproduces that search
+        old = old | {"search": LEGACY_SEARCH | old.get("search", {})}
         for key in IMMUTABLE:
             if old.get("search", {}).get(key) != new["search"].get(key):
                 raise SpecError(

@@ -19,7 +19,17 @@ from pydantic.alias_generators import to_camel
 API_VERSION = "amlfs.io/v1alpha1"
 KIND = "LossSearch"
 
-BOUNDED_PRESETS = ("gce", "mae")  # tau(0) > 0: the monotone parameterisation (tau(0) = 0) cannot start there
+Parameterization = Literal["monotone", "paper", "bounded"]
+DEFAULT_PARAMETERIZATION: Parameterization = "bounded"
+
+# Presets a search can start from (search mode), per parameterisation of the amlfs space. label-smoothing is not
+# a loss of the target probability; monotone keeps tau(0) = 0 (no gce, mae); bounded has tau linear above its
+# floor (no focal, sce, poly1; gce and mae are approximated by their tau(0)).
+REPRESENTABLE = {
+    "paper": ("softmax", "cosface", "arcface", "focal", "gce", "mae", "sce", "poly1"),
+    "monotone": ("softmax", "cosface", "arcface", "focal", "sce", "poly1"),
+    "bounded": ("softmax", "cosface", "arcface", "gce", "mae"),
+}
 
 Dataset = Literal["digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"]
 ModelName = Literal["mlp", "small-cnn", "cnn1d", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50"]
@@ -254,12 +264,12 @@ class SearchSpec(Model):
         description="amlfs (piecewise-linear t and tau) or search-softmax.",
         json_schema_extra=cel(immutable("spec.search.space", "mu lives in this space")),
     )
-    parameterization: Literal["monotone", "paper"] = Field(
-        "monotone",
-        description="amlfs space only. monotone: "
-        "continuous increasing t and tau given by log-slopes "
-        "and an offset (stable default). paper: independent "
-        "slope and intercept per piece, as in the AM-LFS paper.",
+    parameterization: Parameterization = Field(
+        DEFAULT_PARAMETERIZATION,
+        description="amlfs space only. bounded: t given by offsets at its knots, tau(p) = tau0 + (1 - tau0) p "
+        "with a floor tau0 >= 0 (cross-entropy at tau0 = 0; bounded above 0, robust to label noise). monotone: "
+        "continuous increasing t and tau given by offsets and log-slopes, tau(0) = 0. paper: independent slope "
+        "and intercept per piece, as in the AM-LFS paper.",
         json_schema_extra=cel(immutable("spec.search.parameterization", "it fixes what mu means")),
     )
     intervals: int = Field(
@@ -324,8 +334,14 @@ class SearchSpec(Model):
         json_schema_extra=cel(immutable("spec.search.seed", "the search replays from it")),
     )
     elitism: bool = Field(True, description="Sample 0 of every epoch is mu itself.")
+    antithetic: bool = Field(
+        True,
+        description="Sampled losses come in mirrored pairs mu + sigma eps, mu - sigma eps (with elitism the pairs "
+        "follow sample 0); with commonRandomNumbers a pair's reward difference is the loss's effect alone.",
+        json_schema_extra=cel(immutable("spec.search.antithetic", "the search replays from it")),
+    )
     common_random_numbers: bool = Field(
-        False,
+        True,
         description="search mode: the B samples of an epoch see the same batch order, augmentation and "
         "dropout (drawn from seed and epoch), so their rewards differ by the loss alone. selection-only "
         "mode always gives each sample its own order (its samples differ by nothing else).",
@@ -448,10 +464,15 @@ class LossSearchSpec(Model):
             {
                 "rule": "self.?search.?mode.orValue('search') != 'search' "
                 "|| self.?search.?space.orValue('amlfs') != 'amlfs' "
-                "|| self.?search.?parameterization.orValue('monotone') != 'monotone' "
-                "|| !(self.?search.?init.?preset.orValue('') in ['gce', 'mae'])",
-                "message": "spec.search.init.preset gce and mae are bounded (tau(0) > 0), which the monotone "
-                "parameterization cannot express; use search.parameterization: paper, or "
+                "|| self.?search.?init.?preset.orValue('softmax') == 'label-smoothing' || "
+                + " || ".join(
+                    f"(self.?search.?parameterization.orValue('{DEFAULT_PARAMETERIZATION}') == '{par}' "
+                    f"&& self.?search.?init.?preset.orValue('softmax') in {list(names)})"
+                    for par, names in REPRESENTABLE.items()
+                ),
+                "message": "spec.search.init.preset is not representable in spec.search.parameterization (monotone "
+                "starts from softmax, cosface, arcface, focal, sce or poly1; bounded from softmax, cosface, arcface, "
+                "gce or mae; paper from all but label-smoothing); use another search.parameterization or "
                 "search.mode: selection-only",
                 "fieldPath": ".search.init.preset",
             },
@@ -490,15 +511,17 @@ class LossSearchSpec(Model):
                 "search.init.preset label-smoothing is not a loss of the target probability, so no search space "
                 "can start from it; use it with search.mode: selection-only"
             )
+        par = self.search.parameterization
         if (
             self.search.mode == "search"
             and self.search.space == "amlfs"
-            and self.search.parameterization == "monotone"
-            and init.preset in BOUNDED_PRESETS
+            and init.preset != "label-smoothing"
+            and init.preset not in REPRESENTABLE[par]
         ):
             raise ValueError(
-                f"search.init.preset {init.preset} is bounded (tau(0) > 0), which the monotone parameterization "
-                "cannot express; use search.parameterization: paper, or search.mode: selection-only"
+                f"search.init.preset {init.preset} is not representable in the {par} parameterization (it starts "
+                f"from {', '.join(REPRESENTABLE[par])}); use another search.parameterization or search.mode: "
+                "selection-only"
             )
         return self
 

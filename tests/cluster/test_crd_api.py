@@ -111,7 +111,7 @@ def test_api_server_applies_the_models_defaults(cluster, namespace, losssearch_c
     assert spec == LossSearchSpec().model_dump(mode="json", by_alias=True)
 
     # a partial nested object: the given fields stay, the rest is defaulted
-    given = {"search": {"epochs": 3, "init": {"preset": "focal"}}, "model": {"width": 8}}
+    given = {"search": {"epochs": 3, "init": {"preset": "gce"}}, "model": {"width": 8}}
     r = create(cluster, namespace, manifest("partial", given))
     assert r.returncode == 0, r.stderr
     spec = get(cluster, namespace, "partial")["spec"]
@@ -222,9 +222,15 @@ INVALID = [
     ),
     (
         "gce-monotone",
-        {"search": {"init": {"preset": "gce"}}},
+        {"search": {"parameterization": "monotone", "init": {"preset": "gce"}}},
         None,
-        ["spec.search.init.preset gce and mae are bounded (tau(0) > 0)"],
+        ["spec.search.init.preset is not representable in spec.search.parameterization"],
+    ),
+    (
+        "focal-bounded",
+        {"search": {"init": {"preset": "focal"}}},
+        None,
+        ["spec.search.init.preset is not representable in spec.search.parameterization"],
     ),
     (
         "pairflip-half",

@@ -139,7 +139,9 @@ def manifest(task: str, arm: str, seed: int, epochs: int, samples: int) -> dict[
     }
 
 
-def run_single(work: Path, m: dict[str, Any], device: str, theta: list[float] | None = None) -> dict[str, Any]:
+def run_single(
+    work: Path, m: dict[str, Any], device: str, threads: int = 0, theta: list[float] | None = None
+) -> dict[str, Any]:
     """One trajectory of the init loss (or of theta's loss): the trainer CLI chained epoch by epoch, sample 0."""
     spec_file = work / "spec.json"
     spec_file.write_text(json.dumps(m["spec"]))
@@ -149,7 +151,7 @@ def run_single(work: Path, m: dict[str, Any], device: str, theta: list[float] | 
         argv = ["--spec", f"@{spec_file}", "--search", "single", "--epoch", str(e), "--sample", "0"]
         if theta is not None:
             argv += ["--theta", json.dumps(theta)]
-        argv += ["--output", out, "--device", device, "--cache-dir", str(CACHE)]
+        argv += ["--output", out, "--device", device, "--cache-dir", str(CACHE), "--threads", str(threads)]
         if start:
             argv += ["--start", start, "--start-sha256", sha]
         with contextlib.redirect_stdout(io.StringIO()):
@@ -164,8 +166,8 @@ def run_single(work: Path, m: dict[str, Any], device: str, theta: list[float] | 
     return {"status": "ok", "testAccuracy": result["testAccuracy"], "valReward": result["reward"], "curve": curve}
 
 
-def run_search(work: Path, m: dict[str, Any], device: str) -> dict[str, Any]:
-    runner = LocalRunner(parse_manifest(m), work, device=device, inline=True, cache_dir=CACHE)
+def run_search(work: Path, m: dict[str, Any], device: str, threads: int = 0) -> dict[str, Any]:
+    runner = LocalRunner(parse_manifest(m), work, device=device, inline=True, cache_dir=CACHE, threads=threads)
     status = runner.run()
     if status.phase != "Succeeded":
         return {"status": status.phase, "testAccuracy": math.nan, "message": status.message}
@@ -287,7 +289,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=0, help="override every task's epochs (0: the task's own)")
     ap.add_argument("--samples", type=int, default=4, help="B")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads of every run (0: the CPU quota; 1 to run several at once)"
+    )
     ap.add_argument("--out", default="docs/quality.jsonl", help="one JSON line per finished run (resumable)")
     ap.add_argument("--summary", default="", help="also write the summary as JSON here")
     ap.add_argument("--summary-only", action="store_true", help="run nothing; summarize --out")
@@ -322,9 +326,9 @@ def main() -> int:
                     with tempfile.TemporaryDirectory(prefix="amlfs-quality-") as tmp:
                         work = Path(tmp)
                         if arm == "ce" or arm.startswith("one:"):
-                            res = run_single(work, m, args.device)
+                            res = run_single(work, m, args.device, args.threads)
                         else:
-                            res = run_search(work, m, args.device)
+                            res = run_search(work, m, args.device, args.threads)
                     rec = {
                         "lr": TASKS[task].get("lr", 0.2),
                         "task": task,

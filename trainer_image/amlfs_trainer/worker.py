@@ -37,6 +37,7 @@ copies, so training never changes it). After each invocation the garbage is coll
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import gc
@@ -105,8 +106,22 @@ def fresh_state(environment: bool = True) -> None:
         os.environ.update(_FRESH_ENV)
 
 
+_frozen = False
+
+
 def _tidy() -> None:
+    """Free what the last invocation left in reference cycles (on a GPU: its memory) before the next one.
+
+    What is alive at the first call (torch's and the interpreter's ~200k import-time objects, the cached
+    dataset) is moved out of the collector's sight once with `gc.freeze`, so that every later collection scans
+    only what the invocations since made: a full collection costs ~0.2 s otherwise, as much as an epoch of a
+    small model's training."""
+    global _frozen
     gc.collect()
+    if not _frozen:
+        gc.freeze()
+        atexit.register(gc.unfreeze)  # the interpreter's shutdown frees them as usual
+        _frozen = True
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 

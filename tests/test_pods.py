@@ -8,7 +8,7 @@ import time
 from kubernetes import client
 
 from amlfs import core, storage
-from amlfs.controller.pods import PodSettings, merge_template, pod_name, trainer_pod
+from amlfs.controller.pods import PodSettings, merge_template, packs, pod_name, trainer_pod
 from amlfs.controller.reconcile import Pass, Reconciler, Settings
 from amlfs.controller.rewards import PushedResult
 from amlfs.spec import LossSearchSpec, spec_from_json
@@ -173,7 +173,7 @@ def pod(
 
 
 def test_pods_and_rewards_become_observations(tmp_path):
-    spec = SPEC.model_copy(update={"search": SPEC.search.model_copy(update={"samplesPerEpoch": 8})})
+    spec = SPEC.model_copy(update={"search": SPEC.search.model_copy(update={"samples_per_epoch": 8})})
     thetas = [[float(i)] * 13 for i in range(8)]
     st = LossSearchStatus(
         mu=[0.0] * 13,
@@ -210,3 +210,81 @@ def test_pods_and_rewards_become_observations(tmp_path):
     assert got[6][0] == "running" and waiting
     assert got[7][0] == "failed" and "CUDA error" in next(o.message for o in obs if o.sample == 7)
     assert [e[1] for e in p.events] == ["RewardFromStorage"]
+
+
+def packed_spec(k: int, b: int = 5) -> LossSearchSpec:
+    doc = SPEC.model_dump(by_alias=True)
+    doc["search"]["samplesPerEpoch"], doc["trainer"]["samplesPerPod"] = b, k
+    return LossSearchSpec.model_validate(doc)
+
+
+def test_samples_per_pod_makes_one_pod_per_pack_with_every_member_in_its_environment():
+    spec = packed_spec(2)
+    st, actions = core.step(spec, None, [], "s3://bkt/p/ns/s")
+    starts = [a for a in actions if isinstance(a, core.StartSample)]
+    assert [a.pack for a in starts] == [0, 0, 1, 1, 2] and [x.pack for x in st.samples] == [0, 0, 1, 1, 2]
+    groups = packs(starts)
+    assert [[a.sample for a in g] for g in groups] == [[0, 1], [2, 3], [4]]  # ceil(5 / 2) pods, k not dividing B
+    pods = [trainer_pod(spec, "s", "ns", g, PodSettings()) for g in groups]
+    assert [p["metadata"]["name"] for p in pods] == ["s-e0-p0", "s-e0-p1", "s-e0-p2"]
+    first = pods[0]
+    assert first["metadata"]["labels"]["amlfs.io/pack"] == "0" and "amlfs.io/sample" not in first["metadata"]["labels"]
+    assert first["metadata"]["annotations"]["amlfs.io/samples"] == "0,1"
+    members = json.loads(env_of(first)["AMLFS_MEMBERS"])
+    assert [m["sample"] for m in members] == [0, 1]
+    assert [m["theta"] for m in members] == [st.samples[0].theta, st.samples[1].theta]
+    assert [m["output"] for m in members] == [f"s3://bkt/p/ns/s/epoch-0000/sample-0{i}" for i in (0, 1)]
+    # a pack of one is spelled as a single sample; k = 1 keeps one pod per sample, named as always
+    assert env_of(pods[2])["AMLFS_SAMPLE"] == "4" and "AMLFS_MEMBERS" not in env_of(pods[2])
+    _, alone = core.step(packed_spec(1), None, [], "s3://bkt/p/ns/s")
+    assert [trainer_pod(SPEC, "s", "ns", g, PodSettings())["metadata"]["name"] for g in packs(alone)] == [  # type: ignore[arg-type]
+        f"s-e0-s{i}" for i in range(5)
+    ]
+
+
+def test_a_failed_pack_keeps_its_finished_members_and_retries_the_rest_in_one_pod(tmp_path):
+    spec, root = packed_spec(2), f"file://{tmp_path}"
+    st, _ = core.step(spec, None, [], root)
+    st, _ = core.step(spec, st, [core.Observation(0, i, "running") for i in range(5)], root)
+    assert [x.state for x in st.samples] == ["Running"] * 5
+    # pack 0 crashed after its first member wrote its result (a sequential pack on a CPU); pack 1 finished;
+    # pack 2 was evicted before its member finished
+    storage.write_json(
+        f"{root}/epoch-0000/sample-00/result.json",
+        {"status": "ok", "reward": 0.5, "sha256": "d" * 64, "theta": st.samples[0].theta},
+    )
+    rec = Reconciler(client.ApiClient(), Settings(reward_timeout=10))
+    rec.rewards = FakeRewards(
+        {(0, 2): PushedResult(0.75, False, "c" * 64), (0, 3): PushedResult(0.25, False, "e" * 64)}
+    )
+    pods = {
+        "s-e0-p0": pod("Failed", 1, message="Killed"),
+        "s-e0-p1": pod("Succeeded", 0),
+        "s-e0-p2": pod("Failed", 137, reason="Evicted", conditions=[{"type": "DisruptionTarget", "status": "True"}]),
+    }
+    obs, _ = rec.observe(Pass("ns", "s", {}, spec, st), pods, root)
+    assert {o.sample: o.outcome for o in obs} == {
+        0: "succeeded",
+        1: "failed",
+        2: "succeeded",
+        3: "succeeded",
+        4: "preempted",
+    }
+    st, actions = core.step(spec, st, obs, root)
+    retry = packs([a for a in actions if isinstance(a, core.StartSample)])
+    built = [trainer_pod(spec, "s", "ns", g, PodSettings()) for g in retry]
+    assert [p["metadata"]["name"] for p in built] == ["s-e0-p0-a1", "s-e0-p2-r1"]
+    env = env_of(built[0])
+    assert (env["AMLFS_SAMPLE"], env["AMLFS_ATTEMPT"]) == ("1", "1")  # the finished member is not retrained
+    assert [x.state for x in st.samples] == ["Succeeded", "Pending", "Succeeded", "Succeeded", "Pending"]
+
+
+def test_a_changed_samples_per_pod_applies_from_the_next_epoch():
+    root = "s3://bkt/p/ns/s"
+    st, _ = core.step(packed_spec(2, 4), None, [], root)
+    done = [core.Observation(0, i, "succeeded", reward=0.1 * i, sha256="a" * 64) for i in range(3)]
+    st, actions = core.step(packed_spec(1, 4), st, [*done, core.Observation(0, 3, "failed")], root)
+    assert [(a.sample, a.pack) for a in actions if isinstance(a, core.StartSample)] == [(3, 1)]
+    st, actions = core.step(packed_spec(1, 4), st, [core.Observation(0, 3, "succeeded", 1, 0.9, "b" * 64)], root)
+    assert st.epoch == 1 and [x.pack for x in st.samples] == [None] * 4
+    assert [a.pack for a in actions if isinstance(a, core.StartSample)] == [None] * 4

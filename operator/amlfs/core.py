@@ -67,6 +67,7 @@ class StartSample:
     start: Checkpoint | None
     output: str  # prefix URI: the trainer writes checkpoint.pt and result.json below it
     restarts: int = 0  # uncounted restarts so far (a shell names the new pod/process after it)
+    pack: int | None = None  # the epoch's pack it trains in (a pod per pack and attempt); None: alone
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,8 @@ def _plan_epoch(s: _Step) -> None:
         thetas = reinforce.sample_thetas(
             st.mu, st.sigma, sp.seed, st.epoch, sp.samples_per_epoch, sp.elitism, sp.antithetic
         )
-    st.samples = [SampleStatus(index=i, theta=t) for i, t in enumerate(thetas)]
+    k = s.spec.trainer.samples_per_pod  # fixed for the epoch here, so a changed spec waits for the next one
+    st.samples = [SampleStatus(index=i, theta=t, pack=i // k if k > 1 else None) for i, t in enumerate(thetas)]
     st.message = ""
 
 
@@ -233,6 +235,7 @@ def _start_pending(s: _Step) -> None:
                     start=s.st.start,
                     output=s.layout.sample_dir(s.st.epoch, x.index),
                     restarts=x.restarts,
+                    pack=x.pack,
                 )
             )
 

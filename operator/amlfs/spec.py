@@ -427,7 +427,16 @@ class TrainerSpec(Model):
 
     image: str = Field("amlfs-trainer:latest", description="Trainer image (entrypoint amlfs-trainer).")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    active_deadline_seconds: int = Field(3600, ge=1, description="Kill a sample that runs longer than this.")
+    active_deadline_seconds: int = Field(3600, ge=1, description="Kill a trainer pod that runs longer than this.")
+    samples_per_pod: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="k, samples of an epoch trained by one pod: an epoch runs ceil(B/k) pods, each training its "
+        "k losses from the same start checkpoint in one process (vectorised on a GPU). Pays for small models and "
+        "short epochs, where a pod's start-up outweighs its training; keep 1 for a model that fills a GPU. The "
+        "pod's resources are the whole pack's. A change applies from the next epoch.",
+    )
     metrics_port: int = Field(9400, ge=0, le=65535, description="Port of the trainer's /metrics (0: off).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="imagePullPolicy of the trainer container."
@@ -477,6 +486,12 @@ class LossSearchSpec(Model):
                 "fieldPath": ".search.init.preset",
             },
             {
+                "rule": "self.?trainer.?samplesPerPod.orValue(1) <= self.?search.?samplesPerEpoch.orValue(4)",
+                "message": "spec.trainer.samplesPerPod must not exceed spec.search.samplesPerEpoch (a pod packs "
+                "samples of one epoch); lower trainer.samplesPerPod",
+                "fieldPath": ".trainer.samplesPerPod",
+            },
+            {
                 "rule": "self.?search.?space.orValue('') != 'search-softmax' || self.?search.?mode.orValue('') != "
                 "'search' || self.?search.?init.?preset.orValue('softmax') == 'softmax'",
                 "message": "spec.search.init.preset must be softmax when spec.search.space is search-softmax "
@@ -510,6 +525,11 @@ class LossSearchSpec(Model):
             raise ValueError(
                 "search.init.preset label-smoothing is not a loss of the target probability, so no search space "
                 "can start from it; use it with search.mode: selection-only"
+            )
+        if self.trainer.samples_per_pod > self.search.samples_per_epoch:
+            raise ValueError(
+                f"trainer.samplesPerPod ({self.trainer.samples_per_pod}) must not exceed search.samplesPerEpoch "
+                f"({self.search.samples_per_epoch}): a pod packs samples of one epoch; lower trainer.samplesPerPod"
             )
         par = self.search.parameterization
         if (

@@ -35,6 +35,11 @@ class SampleStatus(Model):
     state: SampleState = "Pending"
     attempt: int = Field(0, description="Current attempt (0-based); failed attempts count against maxRetries.")
     restarts: int = Field(0, description="Restarts not counted as failures (preemption, lost pod/process).")
+    pack: int | None = Field(
+        None,
+        description="Pack of the epoch whose pod trains this sample (trainer.samplesPerPod > 1 when the epoch "
+        "began); none: a pod of its own.",
+    )
     reward: float | None = None
     checkpoint: str = Field("", description="URI of this sample's checkpoint.pt once it succeeded.")
     sha256: str = ""

@@ -322,3 +322,75 @@ def test_deleting_a_running_search_removes_its_pods(cluster, crd, monitoring, s3
         assert search_pods(cluster, namespace, "doomed") == []
     finally:
         op.stop()
+
+
+def packed(reference, k: int) -> dict:
+    doc = json.loads(json.dumps(reference["doc"]))
+    doc["spec"]["trainer"]["samplesPerPod"] = k
+    return doc
+
+
+def assert_same_search(s3, ref_ns: str, ns: str, name: str, st: dict, ref: dict) -> None:
+    """Same thetas, checkpoint digests and mu as the reference (a sequential pack on a CPU writes the same bytes
+    as its members trained alone)."""
+    assert st["phase"] == "Succeeded", st.get("message")
+    h_ref, h = history(s3, ref_ns, name), history(s3, ns, name)
+    assert [x["thetas"] for x in h] == [x["thetas"] for x in h_ref]
+    assert [x["sha256"] for x in h] == [x["sha256"] for x in h_ref]
+    assert [x["rewards"] for x in h] == [x["rewards"] for x in h_ref]
+    assert st["mu"] == ref["mu"] and st["best"]["sha256"] == ref["best"]["sha256"]
+
+
+def test_one_pod_per_epoch_packs_every_sample(cluster, reference, monitoring, s3_server, namespace, tmp_path):
+    setup_namespace(cluster, namespace, s3_server)
+    doc = packed(reference, 3)  # samplesPerPod = samplesPerEpoch
+    name = doc["metadata"]["name"]
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
+    watch = PodWatch(cluster, namespace)
+    try:
+        apply(cluster, namespace, doc)
+        obj = wait_phase(cluster, namespace, name, op=op)
+        time.sleep(3)
+    finally:
+        watch.stop()
+        op.stop()
+    assert_same_search(s3_server, reference["ns"], namespace, name, obj["status"], reference["obj"]["status"])
+    assert sorted(watch.added) == [f"{name}-e{e}-p0" for e in range(3)]
+    assert all(len(uids) == 1 for uids in watch.added.values())
+    assert search_pods(cluster, namespace, name) == []
+
+
+def test_packs_not_dividing_b_survive_operator_kills_and_a_failed_pack(
+    cluster, reference, monitoring, s3_server, namespace, tmp_path
+):
+    setup_namespace(cluster, namespace, s3_server)
+    doc = packed(reference, 2)  # B = 3: packs of 2 and 1
+    name = doc["metadata"]["name"]
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path)
+    watch = PodWatch(cluster, namespace)
+    rng = random.Random(99)
+    try:
+        apply(cluster, namespace, doc)
+        kills = 0
+        while kills < 3 and (get(cluster, namespace, name).get("status") or {}).get("epoch", 0) < 2:
+            op.start()
+            time.sleep(rng.uniform(1.0, 5.0))
+            op.kill()
+            kills += 1
+        op.start()
+        crashed = f"{name}-e2-p0"
+        wait_pod_exists(cluster, namespace, crashed, ("Running",))
+        cluster.crash_trainer(namespace, crashed)
+        obj = wait_phase(cluster, namespace, name, op=op)
+        time.sleep(3)
+    finally:
+        watch.stop()
+        op.stop()
+    assert kills >= 2, "the search reached its last epoch before the operator was killed enough times"
+    assert_same_search(s3_server, reference["ns"], namespace, name, obj["status"], reference["obj"]["status"])
+    pods = sorted(watch.added)
+    assert pods == sorted([f"{name}-e{e}-p{j}" for e in range(3) for j in (0, 1)] + [f"{crashed}-a1"]), pods
+    assert all(len(uids) == 1 for uids in watch.added.values()), watch.added
+    assert search_pods(cluster, namespace, name) == []
+    events = cluster.kubectl_json("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+    assert "SampleRetried" in [e["reason"] for e in events["items"]]

@@ -20,6 +20,8 @@ LABEL_SEARCH = "amlfs.io/search"
 LABEL_EPOCH = "amlfs.io/epoch"
 LABEL_SAMPLE = "amlfs.io/sample"
 LABEL_ATTEMPT = "amlfs.io/attempt"
+LABEL_PACK = "amlfs.io/pack"
+ANNOTATION_SAMPLES = "amlfs.io/samples"  # a pack pod's sample indices, comma-separated
 LABEL_COMPONENT = "app.kubernetes.io/component"
 MAX_NAME = 63
 
@@ -35,24 +37,43 @@ class PodSettings:
     run_as_user: int | None = 1000
 
 
-def pod_name(search: str, epoch: int, sample: int, attempt: int = 0, restarts: int = 0) -> str:
-    """`<search>-e<epoch>-s<sample>`, plus `-a<attempt>` for retries and `-r<n>` after preemptions.
+def pod_name(search: str, epoch: int, sample: int, attempt: int = 0, restarts: int = 0, pack: int | None = None) -> str:
+    """`<search>-e<epoch>-s<sample>` (a pack pod: `-p<pack>`), plus `-a<attempt>` for retries and `-r<n>` after
+    preemptions.
 
-    Deterministic, so a restarted operator finds (and never duplicates) the pods it made. Names longer than a
-    label value (63) keep a hash of the search name instead of its tail.
+    Deterministic, so a restarted operator finds (and never duplicates) the pods it made. A pack's unfinished
+    members always move on together (a pod's end gives all of them the same outcome), so (pack, attempt,
+    restarts) names one set of members. Names longer than a label value (63) keep a hash of the search name
+    instead of its tail.
     """
-    suffix = f"-e{epoch}-s{sample}" + (f"-a{attempt}" if attempt else "") + (f"-r{restarts}" if restarts else "")
+    unit = f"p{pack}" if pack is not None else f"s{sample}"
+    suffix = f"-e{epoch}-{unit}" + (f"-a{attempt}" if attempt else "") + (f"-r{restarts}" if restarts else "")
     if len(search) + len(suffix) > MAX_NAME:
         digest = hashlib.sha256(search.encode()).hexdigest()[:8]
         search = f"{search[: MAX_NAME - len(suffix) - 9].rstrip('-')}-{digest}"
     return f"{search}{suffix}"
 
 
-def labels(search: str, epoch: int, sample: int, attempt: int) -> dict[str, str]:
+def action_pod_name(search: str, a: StartSample) -> str:
+    return pod_name(search, a.epoch, a.sample, a.attempt, a.restarts, a.pack)
+
+
+def packs(actions: list[StartSample]) -> list[list[StartSample]]:
+    """StartSample actions grouped into the pods that train them: one per (epoch, pack, attempt, restarts), in
+    sample order; a sample without a pack alone."""
+    groups: dict[tuple[int, ...], list[StartSample]] = {}
+    for a in sorted(actions, key=lambda a: (a.epoch, a.sample)):
+        unit = (0, a.pack) if a.pack is not None else (1, a.sample)
+        groups.setdefault((a.epoch, *unit, a.attempt, a.restarts), []).append(a)
+    return list(groups.values())
+
+
+def labels(search: str, epoch: int, sample: int, attempt: int, pack: int | None = None) -> dict[str, str]:
+    unit = {LABEL_PACK: str(pack)} if pack is not None else {LABEL_SAMPLE: str(sample)}
     return {
         LABEL_SEARCH: search,
         LABEL_EPOCH: str(epoch),
-        LABEL_SAMPLE: str(sample),
+        **unit,
         LABEL_ATTEMPT: str(attempt),
         LABEL_COMPONENT: "trainer",
         "app.kubernetes.io/name": "amlfs",
@@ -64,17 +85,26 @@ def _env(name: str, value: str) -> dict[str, Any]:
     return {"name": name, "value": value}
 
 
+Pack = StartSample | list[StartSample]  # what one pod trains: a sample, or a group from `packs`
+
+
+def _members(pack: Pack) -> list[StartSample]:
+    return pack if isinstance(pack, list) else [pack]
+
+
 def invocation(
-    spec: LossSearchSpec, search: str, namespace: str, a: StartSample, settings: PodSettings
+    spec: LossSearchSpec, search: str, namespace: str, pack: Pack, settings: PodSettings
 ) -> contract.Invocation:
-    """The trainer invocation a pod runs for one sample (a pack of one)."""
+    """The trainer invocation a pod runs: its pack's samples (of one epoch, attempt and start; often one)."""
+    pack = _members(pack)
+    a = pack[0]
     return contract.Invocation(
         spec=spec_to_json(spec),
         search=search,
         namespace=namespace,
         epoch=a.epoch,
         attempt=a.attempt,
-        members=(contract.Member(a.sample, tuple(a.theta), a.output),),
+        members=tuple(contract.Member(m.sample, tuple(m.theta), m.output) for m in pack),
         start=a.start.uri if a.start is not None else "",
         start_sha256=a.start.sha256 if a.start is not None else "",
         metrics_port=spec.trainer.metrics_port,
@@ -84,9 +114,9 @@ def invocation(
 
 
 def trainer_env(
-    spec: LossSearchSpec, search: str, namespace: str, a: StartSample, settings: PodSettings
+    spec: LossSearchSpec, search: str, namespace: str, pack: Pack, settings: PodSettings
 ) -> list[dict[str, Any]]:
-    env = [_env(k, v) for k, v in contract.to_env(invocation(spec, search, namespace, a, settings)).items()]
+    env = [_env(k, v) for k, v in contract.to_env(invocation(spec, search, namespace, pack, settings)).items()]
     env.append(_env("HOME", "/tmp"))
     endpoint = spec.storage.endpoint or settings.s3_endpoint
     if endpoint:
@@ -107,9 +137,16 @@ def pod_security_context(uid: int | None) -> dict[str, Any]:
     return {"runAsNonRoot": True, **ids, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def trainer_pod(
-    spec: LossSearchSpec, search: str, namespace: str, a: StartSample, settings: PodSettings
-) -> dict[str, Any]:
+def trainer_pod(spec: LossSearchSpec, search: str, namespace: str, pack: Pack, settings: PodSettings) -> dict[str, Any]:
+    """The pod that trains one sample, or one pack of samples (as `packs` groups them)."""
+    pack = _members(pack)
+    a = pack[0]
+    annotations = {
+        "prometheus.io/scrape": "true" if spec.trainer.metrics_port else "false",
+        "prometheus.io/port": str(spec.trainer.metrics_port),
+    }
+    if a.pack is not None:
+        annotations[ANNOTATION_SAMPLES] = ",".join(str(m.sample) for m in pack)
     res = spec.trainer.resources
     limits: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
     if res.gpu:
@@ -118,13 +155,10 @@ def trainer_pod(
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": pod_name(search, a.epoch, a.sample, a.attempt, a.restarts),
+            "name": action_pod_name(search, a),
             "namespace": namespace,
-            "labels": labels(search, a.epoch, a.sample, a.attempt),
-            "annotations": {
-                "prometheus.io/scrape": "true" if spec.trainer.metrics_port else "false",
-                "prometheus.io/port": str(spec.trainer.metrics_port),
-            },
+            "labels": labels(search, a.epoch, a.sample, a.attempt, a.pack),
+            "annotations": annotations,
         },
         "spec": {
             "restartPolicy": "Never",
@@ -137,7 +171,7 @@ def trainer_pod(
                     "name": "trainer",
                     "image": spec.trainer.image,
                     "imagePullPolicy": spec.trainer.image_pull_policy,
-                    "env": trainer_env(spec, search, namespace, a, settings),
+                    "env": trainer_env(spec, search, namespace, pack, settings),
                     "resources": {"requests": dict(limits), "limits": limits},
                     "ports": [{"name": "metrics", "containerPort": spec.trainer.metrics_port}]
                     if spec.trainer.metrics_port

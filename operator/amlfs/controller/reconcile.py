@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from amlfs import core, effects, storage
 from amlfs.contract import EXIT_CONFIG
 from amlfs.controller import metrics
-from amlfs.controller.pods import LABEL_EPOCH, PodSettings, pod_name, trainer_pod
+from amlfs.controller.pods import LABEL_EPOCH, PodSettings, packs, pod_name, trainer_pod
 from amlfs.controller.rewards import PushedResult, PushgatewayReader
 from amlfs.spec import LossSearchSpec, explain
 from amlfs.status import LossSearchStatus, SampleStatus
@@ -261,12 +261,23 @@ class Reconciler:
         if st is None or not st.samples:
             return [], False
         pushed: dict[tuple[int, int], PushedResult] | None = None
+
+        def pushed_result(x: SampleStatus) -> core.Observation | None:
+            nonlocal pushed
+            if pushed is None:
+                pushed = self.rewards.results(p.namespace, p.name, not_before=p.seen_at)
+            got = pushed.get((st.epoch, x.index))
+            if got is None:
+                return None
+            outcome: core.Outcome = "no-reward" if got.diverged else "succeeded"
+            return core.Observation(st.epoch, x.index, outcome, x.attempt, reward=got.reward, sha256=got.sha256)
+
         obs: list[core.Observation] = []
         waiting = False
         for x in st.samples:
             if x.state in ("Succeeded", "NoReward", "Failed", "ConfigError"):
                 continue
-            pod = pods.get(pod_name(p.name, st.epoch, x.index, x.attempt, x.restarts))
+            pod = pods.get(pod_name(p.name, st.epoch, x.index, x.attempt, x.restarts, x.pack))
             if pod is None:
                 if x.state == "Running":
                     done = effects.read_result(root, st.epoch, x.index, x.attempt, x.theta)
@@ -276,20 +287,9 @@ class Reconciler:
             if phase in ("Pending", "Running", "Unknown"):
                 obs.append(core.Observation(st.epoch, x.index, "running", x.attempt))
             elif phase == "Succeeded":
-                if pushed is None:
-                    pushed = self.rewards.results(p.namespace, p.name, not_before=p.seen_at)
-                got = pushed.get((st.epoch, x.index))
+                got = pushed_result(x)
                 if got is not None:
-                    obs.append(
-                        core.Observation(
-                            st.epoch,
-                            x.index,
-                            "no-reward" if got.diverged else "succeeded",
-                            x.attempt,
-                            reward=got.reward,
-                            sha256=got.sha256,
-                        )
-                    )
+                    obs.append(got)
                 elif self.clock() - _finished_at(pod) >= self.settings.reward_timeout:
                     done = effects.read_result(root, st.epoch, x.index, x.attempt, x.theta)
                     if done is not None:
@@ -312,7 +312,10 @@ class Reconciler:
                     waiting = True
                     obs.append(core.Observation(st.epoch, x.index, "running", x.attempt))
             else:
-                obs.append(self._failed(p, st.epoch, x, pod))
+                # a pod that failed or was evicted may have finished some of its members (a pack trains them one
+                # after another on a CPU; a transient exit follows finished members): those are kept, never retrained
+                done = pushed_result(x) or effects.read_result(root, st.epoch, x.index, x.attempt, x.theta)
+                obs.append(done if done is not None else self._failed(p, st.epoch, x, pod))
         return obs, waiting
 
     def _failed(self, p: Pass, epoch: int, x: SampleStatus, pod: dict) -> core.Observation:
@@ -368,7 +371,8 @@ class Reconciler:
                     p.events.append(("Warning", "SampleRetried", f"epoch {new.epoch} sample {x.index}: {x.message}"))
                 if b is not None and x.state in ("Failed", "ConfigError") and b.state != x.state:
                     p.events.append(("Warning", f"Sample{x.state}", f"epoch {new.epoch} sample {x.index}: {x.message}"))
-        self._each(functools.partial(self._create_pod, p, a) for a in actions if isinstance(a, core.StartSample))
+        starts = [a for a in actions if isinstance(a, core.StartSample)]
+        self._each(functools.partial(self._create_pod, p, pack) for pack in packs(starts))
         # then, all at once: the Pushgateway groups and pods of closed epochs, the events
         cleanup: list[Callable[[], object]] = []
         if self.settings.pushgateway:
@@ -395,10 +399,10 @@ class Reconciler:
         drop |= {(e, s) for e, s in self.rewards.cached(p.namespace, p.name) if e < new.epoch or done}
         return sorted(drop)
 
-    def _create_pod(self, p: Pass, a: core.StartSample) -> None:
+    def _create_pod(self, p: Pass, pack: list[core.StartSample]) -> None:
         import kopf
 
-        pod = trainer_pod(p.spec, p.name, p.namespace, a, self.settings.pods())
+        pod = trainer_pod(p.spec, p.name, p.namespace, pack, self.settings.pods())
         key = ("create", p.namespace, pod["metadata"]["name"])
         if self.recent.within(key):  # made by a pass whose pod the index has not shown yet
             return

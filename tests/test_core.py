@@ -312,3 +312,39 @@ def test_antithetic_samples_come_in_mirrored_pairs_after_the_elite():
     _, actions, _ = run_search(spec, lambda th, e, s: 10.0 + th[0])
     hist = next(a for a in actions if isinstance(a, core.AppendHistory)).record
     assert hist["muAfter"][0] > hist["muBefore"][0]
+
+
+def test_a_search_failed_for_too_few_rewards_resumes_when_max_retries_is_raised():
+    spec = make_spec(epochs=2, maxRetries=0, minSamples=3)
+    fail = {(0, 1, 0): "failed", (0, 2, 0): "failed"}
+    status, _, _ = run_search(spec, lambda th, e, s: 0.5 + s / 10, fail=fail)
+    assert status.phase == "Failed" and status.reason == "TooFewRewards"
+    assert core.step(spec, status, [], ROOT) == (status, [])  # unchanged spec: stays failed
+    raised = make_spec(epochs=2, maxRetries=1, minSamples=3)
+    st, acts = core.step(raised, status, [], ROOT)
+    assert st.phase == "Running" and st.reason == "" and st.epoch == 0
+    assert [(a.sample, a.attempt) for a in acts if isinstance(a, core.StartSample)] == [(1, 1), (2, 1)]
+    assert [x.state for x in st.samples] == ["Succeeded", "Pending", "Pending", "Succeeded"]
+    # the retries succeed: the epoch closes with all four rewards and the search goes on to the end
+    done = [core.Observation(0, i, "succeeded", 1, reward=0.9, sha256="s") for i in (1, 2)]
+    st, _ = core.step(raised, st, done, ROOT)
+    assert st.epoch == 1 and st.history[-1].rewards[1:3] == [0.9, 0.9]
+
+
+def test_a_config_error_degrades_its_epoch_only():
+    spec = make_spec(epochs=2, samplesPerEpoch=3)
+    st, _ = core.step(spec, None, [], ROOT)
+    obs = [core.Observation(0, 0, "succeeded", reward=0.5, sha256="a"), core.Observation(0, 1, "config-error")]
+    st, _ = core.step(spec, st, obs, ROOT)
+    assert st.reason == "ConfigError" and st.epoch == 0
+    st, _ = core.step(spec, st, [core.Observation(0, 2, "succeeded", reward=0.6, sha256="b")], ROOT)
+    assert st.epoch == 1 and st.reason == ""
+
+
+def test_a_running_sample_carries_why_its_trainer_has_not_started():
+    spec = make_spec(epochs=1)
+    st, _ = core.step(spec, None, [], ROOT)
+    st, _ = core.step(spec, st, [core.Observation(0, 0, "running", message="waiting: ImagePullBackOff: x")], ROOT)
+    assert st.samples[0].state == "Running" and st.samples[0].message == "waiting: ImagePullBackOff: x"
+    st, _ = core.step(spec, st, [core.Observation(0, 0, "running")], ROOT)
+    assert st.samples[0].message == ""

@@ -43,9 +43,10 @@ Outcome = Literal["running", "succeeded", "no-reward", "failed", "config-error",
 class Observation:
     """What a shell saw of one sample of one epoch.
 
-    running: a trainer for it is alive. succeeded / no-reward: its result.json exists (no-reward: the loss
-    diverged). failed: it exited non-zero (transient: retried up to maxRetries). config-error: the trainer's
-    configuration exit code (never retried). preempted: evicted or preempted (restarted, not counted).
+    running: a trainer for it is alive or about to start (the message: why it has not started yet).
+    succeeded / no-reward: its result.json exists (no-reward: the loss diverged). failed: it failed (retried up to
+    maxRetries). config-error: the trainer's configuration exit code (never retried). preempted: evicted,
+    preempted, or failed for a cause of the platform such as a storage outage (restarted, not counted).
     absent: nothing runs and no result exists although the status says it was started (a restarted shell).
     """
 
@@ -176,7 +177,7 @@ def step(
     """Decide the next status and actions. Pure: same inputs, same outputs."""
     st = initial_status(spec) if status is None or not status.mu else status.model_copy(deep=True)
     s = _Step(spec, st, Layout(root))
-    if st.phase == "Failed":
+    if st.phase == "Failed" and not _reopen(s):
         return st, []
     if st.phase == "Succeeded":
         if spec.search.epochs <= st.epoch:
@@ -210,6 +211,25 @@ def step(
     return st, s.actions
 
 
+def _reopen(s: _Step) -> bool:
+    """A search that failed for too few rewards resumes when spec.search.maxRetries was raised above the attempts
+    of its failed samples: those are retried, the rest of the epoch is kept."""
+    st, max_retries = s.st, s.spec.search.max_retries
+    if st.reason != "TooFewRewards":
+        return False
+    again = [
+        x
+        for x in st.samples
+        if x.state == "Failed" and x.attempt < max_retries and x.restarts <= MAX_UNCOUNTED_RESTARTS
+    ]
+    for x in again:
+        x.attempt += 1
+        x.state, x.message = "Pending", f"retry {x.attempt} after maxRetries was raised to {max_retries}"
+    if again:
+        st.phase, st.reason, st.message = "Running", "", ""
+    return bool(again)
+
+
 def _plan_epoch(s: _Step) -> None:
     st, sp = s.st, s.spec.search
     if sp.mode == "selection-only":
@@ -221,6 +241,8 @@ def _plan_epoch(s: _Step) -> None:
     k = s.spec.trainer.samples_per_pod  # fixed for the epoch here, so a changed spec waits for the next one
     st.samples = [SampleStatus(index=i, theta=t, pack=i // k if k > 1 else None) for i, t in enumerate(thetas)]
     st.message = ""
+    if st.reason == "ConfigError":  # a sample of an earlier epoch: this epoch is not degraded by it
+        st.reason = ""
 
 
 def _start_pending(s: _Step) -> None:
@@ -249,7 +271,7 @@ def _observe(s: _Step, observations: list[Observation]) -> None:
             continue
         out = s.layout.sample_dir(st.epoch, x.index)
         if o.outcome == "running":
-            x.state = "Running"
+            x.state, x.message = "Running", o.message  # a message: why its trainer has not started yet
         elif o.outcome == "succeeded":
             if o.reward is None or not math.isfinite(o.reward):
                 x.state, x.message = "NoReward", o.message or "result has no finite reward"
@@ -273,7 +295,7 @@ def _observe(s: _Step, observations: list[Observation]) -> None:
             if x.restarts > MAX_UNCOUNTED_RESTARTS:
                 x.state, x.message = "Failed", f"restarted {x.restarts} times without finishing"
             else:
-                x.state, x.message = "Pending", f"restart after {o.outcome}"
+                x.state, x.message = "Pending", f"restart after {o.outcome}" + (f": {o.message}" if o.message else "")
 
 
 def _close_epoch(s: _Step) -> None:

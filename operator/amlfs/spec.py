@@ -428,6 +428,15 @@ class TrainerSpec(Model):
     image: str = Field("amlfs-trainer:latest", description="Trainer image (entrypoint amlfs-trainer).")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     active_deadline_seconds: int = Field(3600, ge=1, description="Kill a trainer pod that runs longer than this.")
+    start_timeout_seconds: int = Field(
+        900,
+        ge=0,
+        le=86400,
+        description="Give up on a trainer pod whose container has not started this long after the pod was made "
+        "(unschedulable, an image that cannot be pulled, a missing Secret): it fails and is retried up to "
+        "search.maxRetries. Its waiting reason shows in the sample's status and the Degraded condition at once. "
+        "The default leaves time to pull a CUDA image onto a new node; 0: wait forever (e.g. behind a queue).",
+    )
     samples_per_pod: int = Field(
         1,
         ge=1,

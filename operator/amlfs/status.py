@@ -96,6 +96,13 @@ class LossSearchStatus(Model):
     history: list[EpochRecord] = Field(default_factory=list, description=f"Last {HISTORY_LIMIT} epochs.")
     reason: str = ""
     message: str = ""
+    storage_root: str = Field(
+        "",
+        description="Where this search's checkpoints, results and history live. The operator puts a new "
+        "search under <storage.uri>/<namespace>/<name>/<uid>, so a deleted and re-created search starts fresh "
+        "and the old one's objects stay where they were (empty: <storage.uri>/<namespace>/<name>, a search begun "
+        "before roots carried the UID).",
+    )
     conditions: list[Condition] = Field(
         default_factory=list,
         description="Ready, Progressing and Degraded.",

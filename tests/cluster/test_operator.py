@@ -153,9 +153,16 @@ def wait_phase(
     raise AssertionError(f"{name} not in {phases} after {timeout}s: {obj.get('status')}\n{op.log() if op else ''}")
 
 
-def history(s3, namespace: str, name: str) -> list[dict]:
-    body = s3.client().get_object(Bucket=s3.bucket, Key=f"searches/{namespace}/{name}/history.jsonl")["Body"]
-    return [json.loads(line) for line in body.read().decode().splitlines()]
+def stored(s3, obj: dict, path: str) -> bytes:
+    """An object below the search's storage root (status.storageRoot: <storage.uri>/<namespace>/<name>/<uid>)."""
+    root = obj["status"]["storageRoot"]
+    assert root.startswith(f"s3://{s3.bucket}/searches/") and root.endswith(obj["metadata"]["uid"]), root
+    key = f"{root.removeprefix(f's3://{s3.bucket}/')}/{path}"
+    return s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+
+
+def history(s3, obj: dict) -> list[dict]:
+    return [json.loads(line) for line in stored(s3, obj, "history.jsonl").decode().splitlines()]
 
 
 def wait_pod_exists(cluster, namespace: str, pod: str, phases: tuple[str, ...], timeout: float = 180) -> None:
@@ -213,11 +220,9 @@ def test_full_search_from_kubectl_apply(cluster, reference, s3_server, monitorin
     key = st["best"]["checkpoint"].removeprefix(f"s3://{s3_server.bucket}/")
     body = s3_server.client().get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == st["best"]["sha256"]
-    final = json.loads(
-        s3_server.client().get_object(Bucket=s3_server.bucket, Key=f"searches/{ns}/{name}/final/mu.json")["Body"].read()
-    )
+    final = json.loads(stored(s3_server, obj, "final/mu.json"))
     assert final["mu"] == st["mu"]
-    hist = history(s3_server, ns, name)
+    hist = history(s3_server, obj)
     assert [h["epoch"] for h in hist] == [0, 1, 2] and all(len(h["rewards"]) == 3 for h in hist)
     assert all(r is not None for h in hist for r in h["rewards"])
     # every sample ran as its own pod, none twice; all cleaned up afterwards
@@ -271,8 +276,8 @@ def test_operator_killed_at_random_points_reaches_the_same_result(
     st = obj["status"]
     assert st["phase"] == "Succeeded", op.log()
     assert st["mu"] == ref["mu"]
-    h_ref = history(s3_server, reference["ns"], name)
-    h = history(s3_server, namespace, name)
+    h_ref = history(s3_server, reference["obj"])
+    h = history(s3_server, obj)
     assert [x["thetas"] for x in h] == [x["thetas"] for x in h_ref]
     assert [x["sha256"] for x in h] == [x["sha256"] for x in h_ref]
     assert st["best"]["sha256"] == ref["best"]["sha256"]
@@ -290,7 +295,7 @@ def test_failed_sample_is_retried_config_error_is_not(cluster, crd, monitoring, 
         cluster.crash_trainer(namespace, "retry-e0-s1")
         obj = wait_phase(cluster, namespace, "retry", op=op)
         assert obj["status"]["phase"] == "Succeeded", op.log()
-        h = history(s3_server, namespace, "retry")
+        h = history(s3_server, obj)
         assert h[0]["states"] == ["Succeeded", "Succeeded"]
         events = cluster.kubectl_json("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=retry")
         assert "SampleRetried" in [e["reason"] for e in events["items"]]
@@ -330,11 +335,12 @@ def packed(reference, k: int) -> dict:
     return doc
 
 
-def assert_same_search(s3, ref_ns: str, ns: str, name: str, st: dict, ref: dict) -> None:
+def assert_same_search(s3, obj: dict, reference: dict) -> None:
     """Same thetas, checkpoint digests and mu as the reference (a sequential pack on a CPU writes the same bytes
     as its members trained alone)."""
+    st, ref = obj["status"], reference["status"]
     assert st["phase"] == "Succeeded", st.get("message")
-    h_ref, h = history(s3, ref_ns, name), history(s3, ns, name)
+    h_ref, h = history(s3, reference), history(s3, obj)
     assert [x["thetas"] for x in h] == [x["thetas"] for x in h_ref]
     assert [x["sha256"] for x in h] == [x["sha256"] for x in h_ref]
     assert [x["rewards"] for x in h] == [x["rewards"] for x in h_ref]
@@ -354,7 +360,7 @@ def test_one_pod_per_epoch_packs_every_sample(cluster, reference, monitoring, s3
     finally:
         watch.stop()
         op.stop()
-    assert_same_search(s3_server, reference["ns"], namespace, name, obj["status"], reference["obj"]["status"])
+    assert_same_search(s3_server, obj, reference["obj"])
     assert sorted(watch.added) == [f"{name}-e{e}-p0" for e in range(3)]
     assert all(len(uids) == 1 for uids in watch.added.values())
     assert search_pods(cluster, namespace, name) == []
@@ -387,7 +393,7 @@ def test_packs_not_dividing_b_survive_operator_kills_and_a_failed_pack(
         watch.stop()
         op.stop()
     assert kills >= 2, "the search reached its last epoch before the operator was killed enough times"
-    assert_same_search(s3_server, reference["ns"], namespace, name, obj["status"], reference["obj"]["status"])
+    assert_same_search(s3_server, obj, reference["obj"])
     pods = sorted(watch.added)
     assert pods == sorted([f"{name}-e{e}-p{j}" for e in range(3) for j in (0, 1)] + [f"{crashed}-a1"]), pods
     assert all(len(uids) == 1 for uids in watch.added.values()), watch.added

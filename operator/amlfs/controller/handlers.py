@@ -152,7 +152,13 @@ async def trainer_pods(
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """Trainer pods by (namespace, search), as the plain dicts the reconciler reads (only what it reads)."""
     pod = {
-        "metadata": {"name": name, "labels": dict(labels), "deletionTimestamp": meta.get("deletionTimestamp")},
+        "metadata": {
+            "name": name,
+            "labels": dict(labels),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+            "creationTimestamp": meta.get("creationTimestamp"),
+            "ownerReferences": [{"uid": o.get("uid")} for o in meta.get("ownerReferences") or []],
+        },
         "status": _plain(status),
     }
     return {(namespace or "", labels[LABEL_SEARCH]): pod}
@@ -169,11 +175,12 @@ def _plain(value: Any) -> Any:
 def search_pods(
     index: kopf.Index[tuple[str, str], dict[str, Any]], namespace: str, name: str
 ) -> dict[str, dict[str, Any]]:
-    """The search's pods (none being deleted), copied out of the index so that a pass may read them in a thread."""
+    """The search's pods, those being deleted included (their trainers may still write), copied out of the index
+    so that a pass may read them in a thread."""
     store = index.get((namespace, name))
     if not store:
         return {}
-    return {p["metadata"]["name"]: p for p in store if not p["metadata"].get("deletionTimestamp")}
+    return {p["metadata"]["name"]: p for p in store}
 
 
 # Stopping (deletion, operator exit) sets `stopped`, which wakes the loop: it exits after the pass in progress, if

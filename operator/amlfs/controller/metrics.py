@@ -40,7 +40,7 @@ CURVE_X = Gauge(
     "amlfs_operator_loss_curve_x", "Where each knot of t and tau lies.", ["namespace", "search", "function", "knot"]
 )
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
-FAILURE_REASONS = ("preempted", "config", "error", "DeadlineExceeded", "Evicted")
+FAILURE_REASONS = ("preempted", "config", "error", "transient", "not-started", "DeadlineExceeded", "Evicted")
 STATES = ("Pending", "Running", "Succeeded", "NoReward", "Failed", "ConfigError")
 
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -38,9 +40,18 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from amlfs import core, effects, storage
-from amlfs.contract import EXIT_CONFIG
+from amlfs.contract import EXIT_CONFIG, EXIT_TRANSIENT
 from amlfs.controller import metrics
-from amlfs.controller.pods import LABEL_EPOCH, PodSettings, packs, pod_name, trainer_pod
+from amlfs.controller.pods import (
+    LABEL_EPOCH,
+    LABEL_PACK,
+    LABEL_SAMPLE,
+    PodSettings,
+    action_pod_name,
+    packs,
+    pod_name,
+    trainer_pod,
+)
 from amlfs.controller.rewards import PushedResult, PushgatewayReader
 from amlfs.spec import LossSearchSpec, explain
 from amlfs.status import LossSearchStatus, SampleStatus
@@ -49,6 +60,16 @@ GROUP, VERSION, PLURAL, KIND = "amlfs.io", "v1alpha1", "losssearches", "LossSear
 FINISHED = ("Succeeded", "Failed")
 IDLE_RESYNC = 60.0  # seconds between passes of a finished search (spec edits wake it at once)
 RECENT = 30.0  # seconds during which a pod created or deleted is not asked for again
+# Waiting reasons of a pod that will not start by itself; ContainerCreating and the like are a normal start.
+STUCK = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "Unschedulable",
+)
 log = logging.getLogger("amlfs.operator")
 
 
@@ -62,6 +83,8 @@ class Settings:
     interval: float = 5.0  # seconds between passes when nothing wakes the search
     workers: int = 16  # passes running at once (threads); each pass is mostly waiting on the network
     run_as_user: int | None = 1000  # uid/gid/fsGroup of trainer pods; None: the platform assigns them
+    retry_backoff: float = 5.0  # seconds before the first retry of a failed pod; doubles per retry, with jitter
+    retry_backoff_max: float = 300.0
 
     def pods(self) -> PodSettings:
         return PodSettings(
@@ -85,6 +108,8 @@ class Pass:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     seen_at: float | None = None  # when the pods were read (monotonic): rewards are read from no earlier
     written: str = ""  # resourceVersion of the status this pass wrote
+    doomed: list[str] = field(default_factory=list)  # pods given up on (never started): deleted after the status
+    retry_in: float = math.inf  # seconds until a retry held back by its backoff is due
 
 
 @dataclass(frozen=True)
@@ -191,30 +216,26 @@ class Reconciler:
             raise
         if body["metadata"].get("deletionTimestamp"):
             return PassResult(self.settings.interval)
+        # What the operator cannot work with degrades the search without ending it: fixed, it goes on.
         try:
             spec = LossSearchSpec.model_validate(body.get("spec") or {})
         except ValueError as exc:
             msg = explain(exc, "spec") if isinstance(exc, ValidationError) else str(exc)
-            written = self._patch_status(
-                body,
-                {"phase": "Failed", "reason": "InvalidSpec", "message": msg},
-                [("Degraded", "True", "InvalidSpec", msg)],
-            )
-            return PassResult(IDLE_RESYNC, written=written)
+            return PassResult(self.settings.interval, written=self._degrade(body, "InvalidSpec", msg))
         raw = body.get("status") or {}
         old = LossSearchStatus.model_validate(raw) if raw.get("mu") else None
         p = Pass(namespace, name, body, spec, old, seen_at=seen_at)
         root = self.root(p)
         if root is None:
             msg = "spec.storage.uri: empty and the operator has no default storage; set spec.storage.uri"
-            written = self._patch_status(
-                body,
-                {"phase": "Failed", "reason": "NoStorage", "message": msg},
-                [("Degraded", "True", "NoStorage", msg)],
-            )
-            return PassResult(IDLE_RESYNC, written=written)
+            return PassResult(self.settings.interval, written=self._degrade(body, "NoStorage", msg))
+        if old is not None and old.reason in ("InvalidSpec", "NoStorage"):
+            old.reason, old.message = "", ""
+        uid = body["metadata"].get("uid", "")
+        pods = {n: pod for n, pod in pods.items() if _owned_by(pod, uid)}  # not a deleted namesake's leftovers
         obs, pending_reward = self.observe(p, pods, root)
         new, actions = core.step(spec, old, obs, root)
+        new.storage_root = root
         self._each(functools.partial(effects.apply_storage, a) for a in _storage_parts(actions))
         for a in actions:
             if not isinstance(a, core.StartSample):
@@ -229,7 +250,19 @@ class Reconciler:
             delay = max(self.settings.interval, IDLE_RESYNC)
         else:
             delay = self.settings.interval
-        return PassResult(delay, new.epoch, p.written)
+        return PassResult(max(0.1, min(delay, p.retry_in)), new.epoch, p.written)
+
+    def _degrade(self, body: dict, reason: str, msg: str) -> str:
+        """Report a problem of the operator's side (spec, configuration) in the status, keeping the search."""
+        status = dict(body.get("status") or {}) | {"reason": reason, "message": msg}
+        status.pop("conditions", None)
+        status.setdefault("phase", "Pending")
+        conds = [
+            ("Ready", "False", reason, msg),
+            ("Progressing", "False", reason, msg),
+            ("Degraded", "True", reason, msg),
+        ]
+        return self._patch_status(body, status, conds)
 
     def forget(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
         """A deleted search: drop its Pushgateway groups and its metric series; with storage.deleteOnDelete,
@@ -246,13 +279,22 @@ class Reconciler:
         if spec is not None:
             metrics.forget(namespace, name, spec)
             base = spec.storage.uri or self.settings.default_storage
-            if spec.storage.delete_on_delete and base:
-                n = storage.delete_prefix(storage.join(base, namespace, name))
-                log.info("deleted %d objects of %s/%s", n, namespace, name)
+            root = status.get("storageRoot") or (storage.join(base, namespace, name) if base else "")
+            if spec.storage.delete_on_delete and root:
+                n = storage.delete_prefix(root)
+                log.info("deleted %d objects of %s/%s under %s", n, namespace, name, root)
 
     def root(self, p: Pass) -> str | None:
+        """The search's storage root: as recorded in its status; for a new search, below its UID (a deleted and
+        re-created namesake never meets the old one's objects)."""
+        if p.old is not None and p.old.storage_root:
+            return p.old.storage_root
         base = p.spec.storage.uri or self.settings.default_storage
-        return storage.normalize(storage.join(base, p.namespace, p.name)) if base else None
+        if not base:
+            return None
+        legacy = storage.normalize(storage.join(base, p.namespace, p.name))
+        uid = p.body["metadata"].get("uid", "")
+        return legacy if p.old is not None or not uid else storage.normalize(storage.join(legacy, uid))
 
     # --- observations -------------------------------------------------------------------------
 
@@ -285,7 +327,7 @@ class Reconciler:
                 continue
             phase = (pod.get("status") or {}).get("phase", "Pending")
             if phase in ("Pending", "Running", "Unknown"):
-                obs.append(core.Observation(st.epoch, x.index, "running", x.attempt))
+                obs.append(self._alive(p, st.epoch, x, pod, phase))
             elif phase == "Succeeded":
                 got = pushed_result(x)
                 if got is not None:
@@ -318,21 +360,38 @@ class Reconciler:
                 obs.append(done if done is not None else self._failed(p, st.epoch, x, pod))
         return obs, waiting
 
+    def _alive(self, p: Pass, epoch: int, x: SampleStatus, pod: dict, phase: str) -> core.Observation:
+        """A pod that has not ended: running, or waiting to start (stuck: say why; too long: give up on it). A pod
+        being deleted counts as running until it is gone, so that no new trainer writes beside it."""
+        if phase != "Pending" or pod["metadata"].get("deletionTimestamp"):
+            return core.Observation(epoch, x.index, "running", x.attempt)
+        reason, message = _waiting(pod)
+        timeout = p.spec.trainer.start_timeout_seconds
+        if timeout and reason != "SchedulingGated" and self.clock() - _created_at(pod) >= timeout:
+            p.doomed.append(pod["metadata"]["name"])
+            metrics.PODS_FAILED.labels(p.namespace, p.name, "not-started").inc()
+            why = f"{reason}: {message}" if reason else "Pending"
+            return core.Observation(
+                epoch, x.index, "failed", x.attempt, message=f"not started after {timeout}s: {why}"[:500]
+            )
+        stuck = f"waiting: {reason}: {message}"[:500] if reason in STUCK else ""
+        return core.Observation(epoch, x.index, "running", x.attempt, message=stuck)
+
     def _failed(self, p: Pass, epoch: int, x: SampleStatus, pod: dict) -> core.Observation:
         status = pod.get("status") or {}
         reason = status.get("reason", "")
-        conds = {c.get("type"): c for c in status.get("conditions") or []}
         term = _terminated(pod)
         code = term.get("exitCode")
         msg = (term.get("message") or status.get("message") or reason or f"exit code {code}").strip()[-500:]
-        if reason in ("Evicted", "Preempting", "Shutdown", "Terminated", "NodeLost") or (
-            conds.get("DisruptionTarget", {}).get("status") == "True"
-        ):
+        if _preempted(pod):
             metrics.PODS_FAILED.labels(p.namespace, p.name, "preempted").inc()
             return core.Observation(epoch, x.index, "preempted", x.attempt, message=msg)
         if code == EXIT_CONFIG:
             metrics.PODS_FAILED.labels(p.namespace, p.name, "config").inc()
             return core.Observation(epoch, x.index, "config-error", x.attempt, message=msg)
+        if code == EXIT_TRANSIENT:  # storage unreachable: the platform's failure, not the sample's
+            metrics.PODS_FAILED.labels(p.namespace, p.name, "transient").inc()
+            return core.Observation(epoch, x.index, "preempted", x.attempt, message=f"transient: {msg}")
         kind = reason if reason in metrics.FAILURE_REASONS else "error"
         metrics.PODS_FAILED.labels(p.namespace, p.name, kind).inc()
         return core.Observation(epoch, x.index, "failed", x.attempt, message=msg)
@@ -372,7 +431,14 @@ class Reconciler:
                 if b is not None and x.state in ("Failed", "ConfigError") and b.state != x.state:
                     p.events.append(("Warning", f"Sample{x.state}", f"epoch {new.epoch} sample {x.index}: {x.message}"))
         starts = [a for a in actions if isinstance(a, core.StartSample)]
-        self._each(functools.partial(self._create_pod, p, pack) for pack in packs(starts))
+        due = []
+        for pack in packs(starts):
+            wait = self._backoff(p, pack[0], pods) - self.clock()
+            if wait > 0:
+                p.retry_in = min(p.retry_in, wait)
+            else:
+                due.append(pack)
+        self._each(functools.partial(self._create_pod, p, pack) for pack in due)
         # then, all at once: the Pushgateway groups and pods of closed epochs, the events
         cleanup: list[Callable[[], object]] = []
         if self.settings.pushgateway:
@@ -381,8 +447,10 @@ class Reconciler:
                 for e, s in self._closed_groups(p, new)
             ]
         for pname, pod in pods.items():
+            if pod["metadata"].get("deletionTimestamp"):
+                continue
             epoch = int(pod["metadata"].get("labels", {}).get(LABEL_EPOCH, "-1"))
-            if epoch < new.epoch or new.phase == "Succeeded":
+            if epoch < new.epoch or new.phase == "Succeeded" or pname in p.doomed:
                 cleanup.append(functools.partial(self._delete_pod, p.namespace, pname))
         cleanup += [functools.partial(self.event, p.body, *e) for e in p.events]
         self._each(cleanup)
@@ -398,6 +466,30 @@ class Reconciler:
             drop |= {(old.epoch, x.index) for x in old.samples}
         drop |= {(e, s) for e, s in self.rewards.cached(p.namespace, p.name) if e < new.epoch or done}
         return sorted(drop)
+
+    def _backoff(self, p: Pass, a: core.StartSample, pods: Mapping[str, dict]) -> float:
+        """When a retry may start: the latest failure of its sample (or pack) in this epoch plus an exponential
+        backoff with jitter (from the pod's name: the same in every pass); at once after an eviction."""
+        n = a.attempt + a.restarts
+        if n == 0:
+            return 0.0
+        label, value = (LABEL_PACK, a.pack) if a.pack is not None else (LABEL_SAMPLE, a.sample)
+        ended = [
+            pod
+            for pod in pods.values()
+            if (pod.get("status") or {}).get("phase") == "Failed"
+            and pod["metadata"].get("labels", {}).get(LABEL_EPOCH) == str(a.epoch)
+            and pod["metadata"].get("labels", {}).get(label) == str(value)
+        ]
+        if not ended:
+            return 0.0
+        last = max(ended, key=_finished_at)
+        if _preempted(last):
+            return 0.0
+        name = action_pod_name(p.name, a)
+        jitter = 0.5 + 0.5 * int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        delay = min(self.settings.retry_backoff_max, self.settings.retry_backoff * 2 ** (n - 1)) * jitter
+        return _finished_at(last) + delay
 
     def _create_pod(self, p: Pass, pack: list[core.StartSample]) -> None:
         import kopf
@@ -429,7 +521,14 @@ class Reconciler:
     # --- status and events --------------------------------------------------------------------
 
     def _conditions(self, spec: LossSearchSpec, st: LossSearchStatus) -> list[tuple[str, str, str, str]]:
-        degraded = st.phase == "Failed" or st.reason == "ConfigError"
+        stuck = [x for x in st.samples if x.state == "Running" and x.message.startswith("waiting: ")]
+        if st.phase == "Failed" or st.reason == "ConfigError":
+            degraded = ("True", st.reason, st.message)
+        elif stuck:
+            what = "; ".join(f"sample {x.index}: {x.message.removeprefix('waiting: ')}" for x in stuck)
+            degraded = ("True", "TrainerNotStarting", f"epoch {st.epoch}: {what}")
+        else:
+            degraded = ("False", "AsExpected", "")
         return [
             ("Ready", "True" if st.phase == "Succeeded" else "False", st.phase, st.message or st.phase),
             (
@@ -438,12 +537,7 @@ class Reconciler:
                 st.phase,
                 f"epoch {st.epoch} of {spec.search.epochs}",
             ),
-            (
-                "Degraded",
-                "True" if degraded else "False",
-                st.reason if degraded else "AsExpected",
-                st.message if degraded else "",
-            ),
+            ("Degraded", *degraded),
         ]
 
     def _patch_status(
@@ -562,3 +656,40 @@ def _finished_at(pod: dict) -> float:
     if isinstance(ts, str):
         return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
     return ts.timestamp()
+
+
+def _preempted(pod: dict) -> bool:
+    """Ended by the platform (eviction, preemption, node shutdown or loss), not by its trainer."""
+    status = pod.get("status") or {}
+    conds = {c.get("type"): c for c in status.get("conditions") or []}
+    return status.get("reason", "") in ("Evicted", "Preempting", "Shutdown", "Terminated", "NodeLost") or (
+        conds.get("DisruptionTarget", {}).get("status") == "True"
+    )
+
+
+def _waiting(pod: dict) -> tuple[str, str]:
+    """Why a Pending pod has not started: its container's waiting reason, else an unmet scheduling condition."""
+    status = pod.get("status") or {}
+    for cs in status.get("containerStatuses") or []:
+        w = (cs.get("state") or {}).get("waiting")
+        if w and w.get("reason"):
+            return str(w["reason"]), str(w.get("message") or "").strip()
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False":
+            return str(c.get("reason") or "Unschedulable"), str(c.get("message") or "").strip()
+    return "", ""
+
+
+def _created_at(pod: dict) -> float:
+    ts = pod["metadata"].get("creationTimestamp")
+    if not ts:
+        return math.inf  # unknown: never timed out
+    if isinstance(ts, str):
+        return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+    return float(ts.timestamp())
+
+
+def _owned_by(pod: dict, uid: str) -> bool:
+    """Whether the pod belongs to the search with this UID (pods that name no owner are taken as the search's)."""
+    owners = pod["metadata"].get("ownerReferences") or []
+    return not uid or not owners or any(o.get("uid") == uid for o in owners)

@@ -1,0 +1,245 @@
+"""Reconciliation passes under faults, without a cluster: the pass runs for real against recording stand-ins of the
+API server's pod, event and status endpoints, and storage on file://."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from amlfs import storage
+from amlfs.controller.reconcile import Reconciler, Settings
+
+T0 = 1_900_000_000.0  # the pass's wall clock (pod timestamps are wall-clock times)
+
+
+def stamp(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Response:
+    def read(self) -> bytes:
+        return b"{}"
+
+    def release_conn(self) -> None:
+        pass
+
+
+class Core:
+    """The pod and event endpoints: records creations and deletions; names in `taken` answer 409."""
+
+    def __init__(self) -> None:
+        self.created: list[dict] = []
+        self.deleted: list[str] = []
+        self.events: list[dict] = []
+        self.taken: set[str] = set()
+
+    def create_namespaced_pod(self, namespace: str, pod: dict, **_: Any) -> Response:
+        if pod["metadata"]["name"] in self.taken:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.created.append(pod)
+        return Response()
+
+    def delete_namespaced_pod(self, name: str, namespace: str, **_: Any) -> Response:
+        self.deleted.append(name)
+        return Response()
+
+    def create_namespaced_event(self, namespace: str, event: dict, **_: Any) -> Response:
+        self.events.append(event)
+        return Response()
+
+
+class Custom:
+    """The status subresource: applies each merge patch to the stored body."""
+
+    def __init__(self, body: dict) -> None:
+        self.body = body
+        self.version = 1
+
+    def patch_namespaced_custom_object_status(self, group, version, namespace, plural, name, patch):
+        assert patch["metadata"]["resourceVersion"] == self.body["metadata"]["resourceVersion"]
+        self.version += 1
+        status = {k: v for k, v in patch["status"].items() if v is not None}
+        self.body = self.body | {"status": status}
+        self.body["metadata"] = self.body["metadata"] | {"resourceVersion": str(self.version)}
+        return self.body
+
+
+class Rewards:
+    """A Pushgateway with nothing pushed."""
+
+    def results(self, namespace: str, search: str, not_before: float | None = None) -> dict:
+        return {}
+
+    def cached(self, namespace: str, search: str) -> dict:
+        return {}
+
+
+class Cluster:
+    """One search, its pods as the operator's index holds them, and a clock."""
+
+    def __init__(self, tmp_path, spec: dict, uid: str = "uid-2") -> None:
+        self.now = T0
+        self.rec = Reconciler(client.ApiClient(), Settings(interval=5.0), Rewards(), clock=lambda: self.now)  # type: ignore[arg-type]
+        self.core, self.custom = Core(), Custom(self.body(spec, uid))
+        self.rec.core, self.rec.custom = self.core, self.custom  # type: ignore[assignment]
+        self.pods: dict[str, dict] = {}
+        self.root = f"file://{tmp_path}/store"
+
+    def body(self, spec: dict, uid: str) -> dict:
+        return {
+            "apiVersion": "amlfs.io/v1alpha1",
+            "kind": "LossSearch",
+            "metadata": {"name": "s", "namespace": "ns", "uid": uid, "resourceVersion": "1", "generation": 1},
+            "spec": spec,
+        }
+
+    def reconcile(self):
+        res = self.rec.reconcile("ns", "s", self.pods, first=False, known=self.custom.body)
+        return res, self.custom.body.get("status") or {}
+
+    def pod(self, name: str, phase: str, owner: str = "uid-2", created: float = T0, **status: Any) -> None:
+        epoch, unit = name.split("-")[1:3]
+        self.pods[name] = {
+            "metadata": {
+                "name": name,
+                "labels": {"amlfs.io/epoch": epoch[1:], "amlfs.io/sample": unit[1:], "amlfs.io/search": "s"},
+                "creationTimestamp": stamp(created),
+                "ownerReferences": [{"uid": owner}],
+                "deletionTimestamp": status.pop("deleting", None),
+            },
+            "status": {"phase": phase, **status},
+        }
+
+
+def spec(tmp_path, **search: Any) -> dict:
+    return {
+        "storage": {"uri": f"file://{tmp_path}/store"},
+        "search": {"epochs": 2, "samplesPerEpoch": 2, "seed": 3, **search},
+    }
+
+
+def failed(code: int, at: float) -> dict:
+    return {"containerStatuses": [{"state": {"terminated": {"exitCode": code, "finishedAt": stamp(at)}}}]}
+
+
+def conditions(status: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def test_a_recreated_search_starts_fresh_beside_its_namesakes_objects(tmp_path):
+    """The first search of that name left a finished sample (same seed: same theta) and a pod not yet collected;
+    the new one neither adopts the pod nor accepts the result: it has a root of its own."""
+    c = Cluster(tmp_path, spec(tmp_path), uid="uid-2")
+    _, st = c.reconcile()
+    assert st["storageRoot"] == f"{c.root}/ns/s/uid-2"
+    assert [p["metadata"]["name"] for p in c.core.created] == ["s-e0-s0", "s-e0-s1"]
+    theta = st["samples"][0]["theta"]
+    storage.write_json(  # where the namesake (no UID in its root) finished sample 0
+        f"{c.root}/ns/s/epoch-0000/sample-00/result.json", {"status": "ok", "reward": 0.9, "theta": theta}
+    )
+    c.pod("s-e0-s0", "Succeeded", owner="uid-1")  # the namesake's pod, not yet garbage-collected
+    c.pod("s-e0-s1", "Running")
+    c.core.taken, c.core.created = {"s-e0-s0"}, []
+    c.rec.recent.ttl = 0.0
+    _, st = c.reconcile()
+    assert [x["state"] for x in st["samples"]] == ["Pending", "Running"]  # sample 0 waits for its own pod
+    assert st["storageRoot"] == f"{c.root}/ns/s/uid-2" and st["epoch"] == 0
+    assert "s-e0-s0" not in c.core.deleted  # the namesake's pod is the garbage collector's
+
+
+def test_a_pod_that_cannot_start_degrades_at_once_and_is_given_up_after_the_start_timeout(tmp_path):
+    c = Cluster(tmp_path, spec(tmp_path) | {"trainer": {"startTimeoutSeconds": 120}})
+    c.reconcile()
+    waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "amlfs-trainer:nope"'}
+    c.pod("s-e0-s0", "Pending", containerStatuses=[{"state": {"waiting": waiting}}])
+    creating = [{"state": {"waiting": {"reason": "ContainerCreating"}}}]
+    c.pod("s-e0-s1", "Pending", created=T0 + 60, containerStatuses=creating)
+    c.now = T0 + 5
+    _, st = c.reconcile()
+    degraded = conditions(st)["Degraded"]
+    assert degraded["status"] == "True" and degraded["reason"] == "TrainerNotStarting"
+    assert "sample 0: ImagePullBackOff" in degraded["message"] and "amlfs-trainer:nope" in degraded["message"]
+    assert "sample 1" not in degraded["message"]  # a container being created is a normal start
+    assert st["samples"][0]["message"].startswith("waiting: ImagePullBackOff")
+    c.now = T0 + 121
+    _, st = c.reconcile()
+    x0 = st["samples"][0]
+    assert (
+        x0["attempt"] == 1 and x0["state"] == "Pending" and "not started after 120s: ImagePullBackOff" in x0["message"]
+    )
+    assert "s-e0-s0" in c.core.deleted  # so that it never starts late beside its retry
+    assert st["samples"][1]["attempt"] == 0  # not stuck, and 61 s old: left alone
+
+
+def test_a_missing_secret_fails_the_search_with_the_reason_after_the_retries(tmp_path):
+    c = Cluster(tmp_path, spec(tmp_path, maxRetries=0, minSamples=2) | {"trainer": {"startTimeoutSeconds": 60}})
+    c.reconcile()
+    why = {"reason": "CreateContainerConfigError", "message": 'secret "amlfs-s3" not found'}
+    for name in ("s-e0-s0", "s-e0-s1"):
+        c.pod(name, "Pending", containerStatuses=[{"state": {"waiting": why}}])
+    c.now = T0 + 61
+    _, st = c.reconcile()
+    assert st["phase"] == "Failed" and st["reason"] == "TooFewRewards"
+    assert 'not started after 60s: CreateContainerConfigError: secret "amlfs-s3" not found' in st["message"]
+
+
+def test_retries_back_off_exponentially_and_platform_failures_are_not_counted(tmp_path):
+    c = Cluster(tmp_path, spec(tmp_path, maxRetries=3))
+    c.reconcile()
+    c.pod("s-e0-s0", "Failed", **failed(1, T0))  # a crash: counted, retried after the backoff
+    c.pod("s-e0-s1", "Failed", **failed(3, T0))  # storage unreachable: the platform's failure, not counted
+    c.now, c.core.created = T0 + 1, []
+    res, st = c.reconcile()
+    assert [(x["attempt"], x["restarts"]) for x in st["samples"]] == [(1, 0), (0, 1)]
+    assert "transient" in st["samples"][1]["message"]
+    assert c.core.created == [] and 0 < res.delay <= 4  # both held back: first backoff 5 s x jitter [0.5, 1]
+    c.now = T0 + 5.01
+    c.reconcile()
+    assert sorted(p["metadata"]["name"] for p in c.core.created) == ["s-e0-s0-a1", "s-e0-s1-r1"]
+    # the next failure of the same sample waits twice as long
+    c.pod("s-e0-s0-a1", "Failed", **failed(1, T0 + 20))
+    c.now, c.core.created = T0 + 24, []
+    res, st = c.reconcile()
+    assert st["samples"][0]["attempt"] == 2 and c.core.created == [] and res.delay <= 6
+    c.now = T0 + 30.01
+    c.reconcile()
+    assert [p["metadata"]["name"] for p in c.core.created] == ["s-e0-s0-a2"]
+
+
+def test_an_evicted_pod_is_replaced_at_once_but_only_once_it_is_gone(tmp_path):
+    c = Cluster(tmp_path, spec(tmp_path))
+    c.reconcile()
+    c.pod("s-e0-s0", "Running", deleting=stamp(T0))  # being evicted: its trainer may still write
+    c.pod("s-e0-s1", "Running")
+    c.core.created = []
+    _, st = c.reconcile()
+    assert [x["state"] for x in st["samples"]] == ["Running", "Running"] and c.core.created == []
+    evicted = {"reason": "Evicted", "conditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    c.pod("s-e0-s0", "Failed", **(failed(137, T0) | evicted))
+    c.now = T0 + 1
+    _, st = c.reconcile()
+    assert st["samples"][0]["restarts"] == 1
+    assert [p["metadata"]["name"] for p in c.core.created] == ["s-e0-s0-r1"]  # no backoff after an eviction
+
+
+@pytest.mark.parametrize("problem", ["spec", "storage"])
+def test_what_the_operator_cannot_work_with_degrades_the_search_until_it_is_fixed(tmp_path, problem):
+    good = spec(tmp_path)
+    c = Cluster(tmp_path, good)
+    if problem == "spec":
+        c.custom.body["spec"] = good | {"search": {"samplesPerEpoch": 1}}
+    else:
+        c.custom.body["spec"] = {"search": good["search"]}  # no storage, and the operator has no default
+    _, st = c.reconcile()
+    degraded = conditions(st)["Degraded"]
+    assert st["phase"] == "Pending" and degraded["status"] == "True"
+    assert degraded["reason"] == ("InvalidSpec" if problem == "spec" else "NoStorage")
+    assert ("samplesPerEpoch" if problem == "spec" else "spec.storage.uri") in degraded["message"]
+    c.custom.body["spec"] = good
+    _, st = c.reconcile()
+    assert st["phase"] == "Running" and st["reason"] == "" and conditions(st)["Degraded"]["status"] == "False"
+    assert len(st["samples"]) == 2 and len(c.core.created) == 2

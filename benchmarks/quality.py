@@ -28,8 +28,10 @@ Arms:
   bounded         the bounded parameterisation with common random numbers and antithetic samples (the defaults)
   monotone        the previous default: monotone parameterisation, independent data orders, no antithetic pairs
   paper           the paper's parameterisation (per-piece a, b; no trust region), as monotone otherwise
-  bounded-nocrn, bounded-noanti, bounded-old-estimator, bounded-accloss, bounded-valloss, monotone-crn-anti:
+  bounded-nocrn, bounded-noanti, bounded-old-estimator, bounded-accloss, bounded-valloss, monotone-crn-anti,
+  bounded-balanced, monotone-balanced:
                   one setting changed (see CANDIDATES)
+  selection-balanced  selection-only choosing the best of B by balanced accuracy (the baseline of *-balanced)
 
 Resumable: every finished run appends one JSON line to --out; runs already there are skipped. The summary
 (--summary) is recomputed from all lines of --out that match the requested tasks, arms, seeds and epochs.
@@ -98,6 +100,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "bounded-accloss": {"parameterization": "bounded", "reward": "accuracy+loss"},
     "bounded-valloss": {"parameterization": "bounded", "reward": "neg-val-loss"},
     "monotone-crn-anti": {"parameterization": "monotone", "commonRandomNumbers": True, "antithetic": True},
+    "bounded-balanced": {"parameterization": "bounded", "reward": "balanced-accuracy"},
+    "monotone-balanced": {"parameterization": "monotone", "reward": "balanced-accuracy"},
 }
 
 
@@ -106,6 +110,8 @@ def search_overrides(arm: str) -> dict[str, Any]:
         return {"mode": "selection-only", "init": FIXED[arm.split(":", 1)[1]]}
     if arm == "selection-only":
         return {"mode": "selection-only"}
+    if arm == "selection-balanced":  # best-of-B by balanced accuracy
+        return {"mode": "selection-only", "reward": "balanced-accuracy"}
     if arm.startswith("fixed:"):
         return {"mode": "selection-only", "init": FIXED[arm.split(":", 1)[1]]}
     if arm == "default":

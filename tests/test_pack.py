@@ -64,10 +64,12 @@ def assert_same_member(solo: dict, packed: dict, exact: bool) -> None:
         assert all(torch.equal(x, y) for x, y in pairs)
         assert packed["reward"] == solo["reward"] and packed["trainLoss"] == solo["trainLoss"]
         assert packed["valLoss"] == solo["valLoss"] and packed["testAccuracy"] == solo["testAccuracy"]
+        assert packed["valBalancedAccuracy"] == solo["valBalancedAccuracy"]
     else:
         for x, y in pairs:
             torch.testing.assert_close(y.double(), x.double(), rtol=1e-4, atol=1e-5)
         assert abs(packed["reward"] - solo["reward"]) <= 1.01 / 144  # at most one validation example
+        assert abs(packed["valBalancedAccuracy"] - solo["valBalancedAccuracy"]) <= 0.02  # one example of a class
         assert packed["trainLoss"] == pytest.approx(solo["trainLoss"], rel=1e-4)
         assert packed["valLoss"] == pytest.approx(solo["valLoss"], rel=1e-3)
 

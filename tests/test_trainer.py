@@ -128,24 +128,29 @@ def test_common_random_numbers_share_the_data_order_except_in_selection_only(tmp
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "same loss and common random numbers: same epoch"
 
 
-@pytest.mark.parametrize("kind", ["neg-val-loss", "accuracy+loss"])
-def test_reward_from_the_validation_cross_entropy(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["neg-val-loss", "accuracy+loss", "balanced-accuracy"])
+def test_reward_from_the_validation_cross_entropy_or_per_class_recall(tmp_path, kind):
     spec = SPEC.model_copy(update={"search": SPEC.search.model_copy(update={"reward": kind})})
     out = f"file://{tmp_path}/r"
     theta = [0.3] * len(identity())  # not cross-entropy: the validation loss is cross-entropy all the same
     assert main(args(tmp_path, 0, 0, out, "--theta", json.dumps(theta), spec=spec)) == EXIT_OK
     r = storage.read_json(f"{out}/result.json")
-    acc, loss = r["valAccuracy"], r["valLoss"]
-    assert loss > 0 and r["reward"] == pytest.approx(-loss if kind == "neg-val-loss" else acc - 0.01 * loss)
-    # plain cross-entropy of the saved model on the validation split
+    acc, loss, balanced = r["valAccuracy"], r["valLoss"], r["valBalancedAccuracy"]
+    want = {"neg-val-loss": -loss, "accuracy+loss": acc - 0.01 * loss, "balanced-accuracy": balanced}[kind]
+    assert loss > 0 and r["reward"] == pytest.approx(want)
+    # plain cross-entropy, accuracy and mean per-class recall of the saved model on the validation split
     data = load_task(spec.task, torch.device("cpu"))
     model = build_model(spec.model, data.num_classes, data.input_shape)
     model.load_state_dict(torch.load(Path(storage.parse(r["checkpoint"]).key), weights_only=False)["model"])
     model.eval()
     with torch.no_grad():
         xs, ys = zip(*data.eval_batches("val", 10_000), strict=True)
-        ce = torch.nn.functional.cross_entropy(model(torch.cat(xs)), torch.cat(ys)).item()
-    assert loss == pytest.approx(ce, rel=1e-5)
+        logits, y = model(torch.cat(xs)), torch.cat(ys)
+        ce = torch.nn.functional.cross_entropy(logits, y).item()
+    pred = logits.argmax(1)
+    recalls = [(pred[y == c] == c).float().mean().item() for c in range(data.num_classes) if (y == c).any()]
+    assert loss == pytest.approx(ce, rel=1e-5) and acc == pytest.approx((pred == y).float().mean().item())
+    assert balanced == pytest.approx(sum(recalls) / len(recalls)) and balanced != pytest.approx(acc)
 
 
 def test_fixed_preset_with_class_balance_trains(tmp_path):
@@ -254,3 +259,24 @@ def test_other_space_trains(tmp_path, space):
     out = f"file://{tmp_path}/ss"
     assert main(args(tmp_path, 0, 0, out, "--theta", json.dumps([-0.5] * 4), spec=spec)) == EXIT_OK
     assert storage.read_json(f"{out}/result.json")["program"] == {"kind": "search-softmax", "a": [-0.5] * 4}
+
+
+def test_the_checkpoint_depends_on_the_training_not_on_how_it_ran(tmp_path):
+    """Trainer and storage settings (samplesPerPod, image, resources, where results go) leave the checkpoint's bytes
+    unchanged, so runs that packed or scheduled differently can be compared by digest."""
+    other = SPEC.model_copy(
+        update={
+            "trainer": SPEC.trainer.model_copy(update={"samples_per_pod": 2, "image": "elsewhere/trainer:2"}),
+            "storage": SPEC.storage.model_copy(update={"uri": "s3://bucket/prefix"}),
+        }
+    )
+    for n in "abc":
+        (tmp_path / n).mkdir()
+    outs = [f"file://{tmp_path}/{n}" for n in ("a", "b")]
+    assert main(args(tmp_path / "a", 0, 1, outs[0])) == EXIT_OK
+    assert main(args(tmp_path / "b", 0, 1, outs[1], spec=other)) == EXIT_OK
+    ra, rb = (storage.read_json(f"{o}/result.json") for o in outs)
+    assert ra["sha256"] == rb["sha256"]
+    lr = SPEC.model_copy(update={"optimizer": SPEC.optimizer.model_copy(update={"lr": 0.051})})
+    assert main(args(tmp_path / "c", 0, 1, f"file://{tmp_path}/c", spec=lr)) == EXIT_OK
+    assert storage.read_json(f"file://{tmp_path}/c/result.json")["sha256"] != ra["sha256"]

@@ -49,15 +49,20 @@ LOSS_TIE_BREAK = 0.01
 """Weight of the validation cross-entropy in the accuracy+loss reward."""
 
 
-def reward_value(kind: str, accuracy: float, loss: float) -> float:
-    """A sample's reward from its validation accuracy and (plain cross-entropy) loss; see spec.search.reward."""
+def reward_value(kind: str, accuracy: float, loss: float, balanced: float = math.nan) -> float:
+    """A sample's reward from its validation accuracy, (plain cross-entropy) loss and balanced accuracy (mean
+    per-class recall); see spec.search.reward."""
     if kind == "accuracy":
         return accuracy
+    if kind == "balanced-accuracy":
+        return balanced
     if kind == "accuracy+loss":
         return accuracy - LOSS_TIE_BREAK * loss
     if kind == "neg-val-loss":
         return -loss
-    raise ValueError(f"search.reward: unknown reward {kind!r}; use accuracy, accuracy+loss or neg-val-loss")
+    raise ValueError(
+        f"search.reward: unknown reward {kind!r}; use accuracy, balanced-accuracy, accuracy+loss or neg-val-loss"
+    )
 
 
 def reinforce_gradient(

@@ -355,10 +355,12 @@ class SearchSpec(Model):
         "muBound of its initial value, so noisy rewards cannot drift the loss far away "
         "(0: unbounded, as in the paper).",
     )
-    reward: Literal["accuracy", "accuracy+loss", "neg-val-loss"] = Field(
+    reward: Literal["accuracy", "balanced-accuracy", "accuracy+loss", "neg-val-loss"] = Field(
         "accuracy",
         description="What a sample is rewarded (and the best sample chosen) by, on the validation split: "
-        "accuracy; accuracy+loss: accuracy minus 0.01 x cross-entropy (the loss breaks ties between equal "
+        "accuracy; balanced-accuracy: the mean of the per-class recalls (long-tailed data whose test split is "
+        "balanced: plain accuracy on a long-tailed validation split rewards the head classes); accuracy+loss: "
+        "accuracy minus 0.01 x cross-entropy (the loss breaks ties between equal "
         "accuracies); neg-val-loss: minus the cross-entropy. The validation loss is always plain "
         "cross-entropy, whatever loss the sample trained with, so samples stay comparable.",
         json_schema_extra=cel(immutable("spec.search.reward", "rewards of different epochs are compared")),

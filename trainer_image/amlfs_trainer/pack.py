@@ -196,27 +196,46 @@ def _report(gauges: MemberGauges | None, wl: float, n: int, steps: int, start: S
     return now
 
 
-def evaluate(start: Start, split: str) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of the model on a split, in float32. For a cosine head the CE is computed
-    on scale * cosine."""
+Score = tuple[float, float, float]  # accuracy, mean cross-entropy, balanced accuracy (mean per-class recall)
+
+
+def evaluate(start: Start, split: str) -> Score:
+    """(accuracy, mean cross-entropy, balanced accuracy) of the model on a split, in float32. For a cosine head
+    the CE is computed on scale * cosine."""
     model, device = start.model, start.device
     model.eval()
+    c = start.data.num_classes
     with exact_fp32(device):
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        hits = torch.zeros(c, device=device, dtype=torch.long)
+        counts = torch.zeros(c, device=device, dtype=torch.long)
         loss_sum = torch.zeros((), device=device)
-        n = 0
         for x, y in start.data.eval_batches(split, start.eval_batch_size):
             out = model(x).float() * start.logit_scale
-            correct += (out.argmax(1) == y).sum()
+            hits += torch.bincount(y[out.argmax(1) == y], minlength=c)
+            counts += torch.bincount(y, minlength=c)
             loss_sum += F.cross_entropy(out, y, reduction="sum")
-            n += y.numel()
+    return _score(hits[None], counts, loss_sum[None])[0]
+
+
+def _score(hits: Tensor, counts: Tensor, loss_sum: Tensor) -> list[Score]:
+    """Per member scores from its per-class hits (k, C), the split's class counts (C,) and summed losses (k,)."""
+    n = int(counts.sum())
     if n == 0:
-        return float("nan"), float("nan")
-    return correct.item() / n, loss_sum.item() / n
+        return [(math.nan, math.nan, math.nan)] * hits.shape[0]
+    present = counts > 0  # a class absent from the split has no recall: it does not count
+    recall = (hits[:, present].double() / counts[present].double()).mean(1)
+    return [(h / n, v / n, r) for h, v, r in zip(hits.sum(1).tolist(), loss_sum.tolist(), recall.tolist(), strict=True)]
 
 
-def _metrics(val: tuple[float, float], test: tuple[float, float]) -> dict[str, float]:
-    return {"valAccuracy": val[0], "valLoss": val[1], "testAccuracy": test[0], "testLoss": test[1]}
+def _metrics(val: Score, test: Score) -> dict[str, float]:
+    return {
+        "valAccuracy": val[0],
+        "valLoss": val[1],
+        "valBalancedAccuracy": val[2],
+        "testAccuracy": test[0],
+        "testLoss": test[1],
+        "testBalancedAccuracy": test[2],
+    }
 
 
 # --- vectorised --------------------------------------------------------------------------------------------
@@ -366,25 +385,23 @@ def train_vectorized(start: Start, members: list[Member]) -> Generator[Outcome, 
             yield Outcome(m.sample, False, n_steps, n_seen, float("nan"), {}, None, dict(timings))
             continue
         state = stack.member_state(i)
-        val = (scores["val"][0][i], scores["val"][1][i])
-        test = (scores["test"][0][i], scores["test"][1][i])
         mean = total[i] / max(steps, 1)
-        yield Outcome(m.sample, True, steps, seen, mean, _metrics(val, test), state, dict(timings))
+        metrics = _metrics(scores["val"][i], scores["test"][i])
+        yield Outcome(m.sample, True, steps, seen, mean, metrics, state, dict(timings))
 
 
-def _evaluate_stack(stack: _Stack, split: str) -> tuple[list[float], list[float]]:
-    """Per member (accuracy, mean cross-entropy) on a split, every member on the same batches, in float32."""
+def _evaluate_stack(stack: _Stack, split: str) -> list[Score]:
+    """Per member scores on a split (see `evaluate`), every member on the same batches, in float32."""
     start, k = stack.start, stack.k
     start.model.eval()
+    c = start.data.num_classes
     with exact_fp32(start.device):
-        correct = torch.zeros(k, device=start.device, dtype=torch.long)
+        hits = torch.zeros(k, c, device=start.device, dtype=torch.long)
+        counts = torch.zeros(c, device=start.device, dtype=torch.long)
         loss_sum = torch.zeros(k, device=start.device)
-        n = 0
         for x, y in start.data.eval_batches(split, start.eval_batch_size):
             out = stack.forward_shared(stack.params, stack.buffers, x).float() * start.logit_scale  # (k, B, C)
-            correct += (out.argmax(2) == y).sum(1)
+            hits.scatter_add_(1, y.expand(k, -1), (out.argmax(2) == y).long())
+            counts += torch.bincount(y, minlength=c)
             loss_sum += F.cross_entropy(out.flatten(0, 1), y.repeat(k), reduction="none").view(k, -1).sum(1)
-            n += y.numel()
-    if n == 0:
-        return [float("nan")] * k, [float("nan")] * k
-    return [c / n for c in correct.tolist()], [v / n for v in loss_sum.tolist()]
+    return _score(hits, counts, loss_sum)

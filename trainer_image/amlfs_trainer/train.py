@@ -110,6 +110,9 @@ def load_start(job: PackJob, workdir: Path) -> dict[str, Any]:
     return ckpt
 
 
+TRAINING_SPEC = {"task", "model", "optimizer", "search"}
+
+
 def run_pack(job: PackJob, started: float | None = None) -> Iterator[dict[str, Any]]:
     """Train every member; yield each member's result once its checkpoint.pt and result.json are written.
 
@@ -248,7 +251,10 @@ def _write(
         }
     else:
         reward = reinforce.reward_value(
-            job.spec.search.reward, outcome.metrics["valAccuracy"], outcome.metrics["valLoss"]
+            job.spec.search.reward,
+            outcome.metrics["valAccuracy"],
+            outcome.metrics["valLoss"],
+            outcome.metrics["valBalancedAccuracy"],
         )
         result |= {"status": STATUS_OK, "reward": reward, **outcome.metrics}
         t = time.perf_counter()
@@ -259,7 +265,9 @@ def _write(
             "sample": m.sample,
             "theta": m.theta,
             "program": m.program,
-            "spec": job.spec.model_dump(mode="json", by_alias=True),
+            # what the training depends on; not how it ran (trainer pods, storage): the same training writes
+            # the same bytes however it was packed or scheduled
+            "spec": job.spec.model_dump(mode="json", by_alias=True, include=TRAINING_SPEC),
         }
         local = work / CHECKPOINT
         buf = io.BytesIO()

@@ -20,7 +20,7 @@ SPEC = LossSearchSpec.model_validate(
         "storage": {"uri": "s3://bkt/p", "secretName": "creds", "endpoint": "http://s3:9000"},
         "trainer": {
             "image": "reg/amlfs-trainer:1",
-            "resources": {"gpu": 2, "cpu": "8", "memory": "32Gi"},
+            "resources": {"gpu": 1, "cpu": "8", "memory": "32Gi"},
             "podTemplate": {
                 "metadata": {"labels": {"kueue.x-k8s.io/queue-name": "gpu", "amlfs.io/search": "x"}},
                 "spec": {
@@ -72,7 +72,10 @@ def test_trainer_pod_carries_the_cli_contract_and_user_template():
     assert env["AMLFS_PUSHGATEWAY"] == "http://pgw:9091" and env["AWS_ENDPOINT_URL_S3"] == "http://s3:9000"
     assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "creds", "key": "AWS_SECRET_ACCESS_KEY"}}
     assert env["NCCL_DEBUG"] == "INFO"  # user env added, contract env not overridable
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2" and c["resources"]["requests"]["cpu"] == "8"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1" and c["resources"]["requests"]["cpu"] == "8"
+    assert c["resources"]["requests"]["ephemeral-storage"] == c["resources"]["limits"]["ephemeral-storage"] == "20Gi"
+    volumes = {v["name"]: v["emptyDir"] for v in pod["spec"]["volumes"]}
+    assert volumes["tmp"] == {"sizeLimit": "20Gi"} and volumes["dshm"] == {"medium": "Memory", "sizeLimit": "32Gi"}
     spec = pod["spec"]
     assert spec["restartPolicy"] == "Never" and spec["activeDeadlineSeconds"] == 3600
     assert spec["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
@@ -288,3 +291,24 @@ def test_a_changed_samples_per_pod_applies_from_the_next_epoch():
     st, actions = core.step(packed_spec(1, 4), st, [core.Observation(0, 3, "succeeded", 1, 0.9, "b" * 64)], root)
     assert st.epoch == 1 and [x.pack for x in st.samples] == [None] * 4
     assert [a.pack for a in actions if isinstance(a, core.StartSample)] == [None] * 4
+
+
+def test_the_device_is_explicit_and_a_cpu_pod_sees_no_gpu():
+    gpu = env_of(trainer_pod(SPEC, "s", "ns", START, PodSettings()))
+    assert gpu["AMLFS_DEVICE"] == "cuda" and "NVIDIA_VISIBLE_DEVICES" not in gpu  # the device plugin sets it
+    doc = SPEC.model_dump(by_alias=True)
+    doc["trainer"]["resources"]["gpu"] = 0
+    cpu_spec = LossSearchSpec.model_validate(doc)
+    cpu = env_of(trainer_pod(cpu_spec, "s", "ns", START, PodSettings()))
+    assert cpu["AMLFS_DEVICE"] == "cpu" and cpu["NVIDIA_VISIBLE_DEVICES"] == "void"
+    # the tuning knobs stay the user's to set through the pod template; the rest of the contract does not
+    doc["trainer"]["podTemplate"]["spec"]["containers"][0]["env"] += [{"name": "AMLFS_DEVICE", "value": "cuda:1"}]
+    tuned = env_of(trainer_pod(LossSearchSpec.model_validate(doc), "s", "ns", START, PodSettings()))
+    assert tuned["AMLFS_DEVICE"] == "cuda:1" and tuned["AMLFS_EPOCH"] == "1" and tuned["NCCL_DEBUG"] == "INFO"
+    names = [
+        e["name"]
+        for e in trainer_pod(LossSearchSpec.model_validate(doc), "s", "ns", START, PodSettings())["spec"]["containers"][
+            0
+        ]["env"]
+    ]
+    assert len(names) == len(set(names))

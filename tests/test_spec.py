@@ -77,6 +77,7 @@ BAD = [
     ({"spec.search.sigma": -0.1}, "spec.search.sigma", "> 0"),
     ({"spec.search.lr": 0}, "spec.search.lr", "> 0"),
     ({"spec.search.minSamples": 9}, "minSamples", "samplesPerEpoch"),
+    ({"spec.trainer.resources.gpu": 2}, "spec.trainer.resources.gpu", "<= 1"),
     ({"spec.trainer.samplesPerPod": 0}, "spec.trainer.samplesPerPod", ">= 1"),
     ({"spec.trainer.samplesPerPod": -2}, "spec.trainer.samplesPerPod", ">= 1"),
     ({"spec.trainer.samplesPerPod": 5}, "trainer.samplesPerPod (5) must not exceed", "search.samplesPerEpoch (4)"),

@@ -419,9 +419,28 @@ class StorageSpec(Model):
 class ResourcesSpec(Model):
     """Resources of every trainer pod."""
 
-    gpu: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per trainer pod.")
-    cpu: str = Field("4", description="CPU request and limit.")
+    gpu: int = Field(
+        1,
+        ge=0,
+        le=1,
+        description="nvidia.com/gpu per trainer pod: 1 trains on it (and fails at once where CUDA is unusable), 0 "
+        "on the CPU with the node's GPUs hidden. A trainer uses one GPU; to use a GPU for several samples, pack "
+        "them with trainer.samplesPerPod.",
+        json_schema_extra=cel(
+            (
+                "self <= 1",
+                "spec.trainer.resources.gpu must be 0 or 1 (a trainer trains on one GPU); set 1, and pack samples "
+                "onto it with spec.trainer.samplesPerPod",
+            )
+        ),
+    )
+    cpu: str = Field("4", description="CPU request and limit (the trainer's torch threads follow it).")
     memory: str = Field("16Gi", description="Memory request and limit.")
+    ephemeral_storage: str = Field(
+        "20Gi",
+        description="ephemeral-storage request and limit, and the size limit of the pod's /tmp (the dataset "
+        "downloaded from task.dataRoot, checkpoints on their way to storage).",
+    )
 
 
 class TrainerSpec(Model):

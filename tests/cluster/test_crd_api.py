@@ -107,7 +107,7 @@ def test_api_server_applies_the_models_defaults(cluster, namespace, losssearch_c
     assert spec["search"]["samplesPerEpoch"] == 4
     assert spec["search"]["init"]["preset"] == "softmax"
     assert spec["optimizer"]["milestones"] == [0.5, 0.75]
-    assert spec["trainer"]["resources"] == {"gpu": 1, "cpu": "4", "memory": "16Gi"}
+    assert spec["trainer"]["resources"] == {"gpu": 1, "cpu": "4", "memory": "16Gi", "ephemeralStorage": "20Gi"}
     assert spec == LossSearchSpec().model_dump(mode="json", by_alias=True)
 
     # a partial nested object: the given fields stay, the rest is defaulted

@@ -128,6 +128,7 @@ def manifest(s3, name: str = "digits-k8s", **search) -> dict:
     doc["metadata"]["name"] = name
     doc["spec"]["storage"]["uri"] = f"s3://{s3.bucket}/searches"
     doc["spec"]["storage"]["endpoint"] = s3.pod_endpoint  # the trainer pods' view; the operator's: AWS_* env
+    doc["spec"]["trainer"]["resources"]["gpu"] = 0  # the test nodes have no GPU (a GPU pod would fail at once)
     doc["spec"]["search"].update(search)
     return doc
 

@@ -110,6 +110,8 @@ def invocation(
         metrics_port=spec.trainer.metrics_port,
         pushgateway=settings.pushgateway,
         cache_dir="/tmp/amlfs-cache",
+        # explicit, so that a GPU pod on a node where CUDA is unusable fails at once instead of training on the CPU
+        device="cuda" if spec.trainer.resources.gpu else "cpu",
     )
 
 
@@ -118,6 +120,10 @@ def trainer_env(
 ) -> list[dict[str, Any]]:
     env = [_env(k, v) for k, v in contract.to_env(invocation(spec, search, namespace, pack, settings)).items()]
     env.append(_env("HOME", "/tmp"))
+    if not spec.trainer.resources.gpu:
+        # the NVIDIA runtime (a node's default runtime on many GPU clusters) would otherwise give a CPU pod every
+        # GPU of the node: the CUDA images set NVIDIA_VISIBLE_DEVICES=all
+        env.append(_env("NVIDIA_VISIBLE_DEVICES", "void"))
     endpoint = spec.storage.endpoint or settings.s3_endpoint
     if endpoint:
         env.append(_env("AWS_ENDPOINT_URL_S3", endpoint))
@@ -148,7 +154,7 @@ def trainer_pod(spec: LossSearchSpec, search: str, namespace: str, pack: Pack, s
     if a.pack is not None:
         annotations[ANNOTATION_SAMPLES] = ",".join(str(m.sample) for m in pack)
     res = spec.trainer.resources
-    limits: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
+    limits: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory, "ephemeral-storage": res.ephemeral_storage}
     if res.gpu:
         limits["nvidia.com/gpu"] = str(res.gpu)
     pod: dict[str, Any] = {
@@ -185,7 +191,10 @@ def trainer_pod(spec: LossSearchSpec, search: str, namespace: str, pack: Pack, s
                     "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}],
                 }
             ],
-            "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+            "volumes": [
+                {"name": "tmp", "emptyDir": {"sizeLimit": res.ephemeral_storage}},
+                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.memory}},
+            ],
         },
     }
     if spec.trainer.pod_template:
@@ -204,8 +213,10 @@ def merge_template(pod: dict[str, Any], template: dict[str, Any]) -> dict[str, A
     out["metadata"]["labels"].update({k: v for k, v in pod["metadata"]["labels"].items() if k.startswith("amlfs.io/")})
     trainer = next(c for c in out["spec"]["containers"] if c["name"] == "trainer")
     ours = pod["spec"]["containers"][0]
-    reserved = {e["name"] for e in ours["env"]} | (contract.ENV_NAMES - contract.TUNABLE_ENV)
-    trainer["env"] = ours["env"] + [e for e in trainer.get("env", []) if e["name"] not in reserved]
+    given = {e["name"]: e for e in trainer.get("env", [])}
+    reserved = ({e["name"] for e in ours["env"]} | contract.ENV_NAMES) - contract.TUNABLE_ENV
+    kept = [e for e in ours["env"] if e["name"] in reserved or e["name"] not in given]
+    trainer["env"] = kept + [e for e in given.values() if e["name"] not in reserved]
     out["spec"]["restartPolicy"] = "Never"
     return out
 

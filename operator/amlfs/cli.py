@@ -4,6 +4,7 @@ amlfs run [FILE.yaml]       run a whole search on this machine (default: the bun
 amlfs validate FILE.yaml    check a LossSearch manifest
 amlfs example [NAME]        print a bundled example manifest
 amlfs crd                   print the LossSearch CustomResourceDefinition (generated from the spec models)
+amlfs export ROOT [-o FILE]  the final loss of a finished search, for one's own training loop
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("example", help="print a bundled example manifest")
     e.add_argument("name", nargs="?", default=DEFAULT_EXAMPLE)
     sub.add_parser("crd", help="print the LossSearch CRD (YAML)")
+    x = sub.add_parser(
+        "export",
+        help="write a finished search's loss as a small JSON file (load it with amlfs_trainer.exported_loss)",
+    )
+    x.add_argument("root", help="the search's storage root: runs/NAME, file:///..., or status.storageRoot (s3://...)")
+    x.add_argument("-o", "--output", default="-", help="file to write (default: standard output)")
     return p
 
 
@@ -77,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
             from amlfs.crd import render_yaml
 
             sys.stdout.write(render_yaml())
+            return 0
+        if args.command == "export":
+            from amlfs import export
+
+            body = export.text(export.exported(args.root))
+            if args.output == "-":
+                sys.stdout.write(body)
+            else:
+                storage.write_bytes(storage.normalize(str(Path(args.output).absolute())), body.encode())
             return 0
         if args.command == "example":
             sys.stdout.write(example_path(args.name).read_text())

@@ -378,6 +378,11 @@ def _finish(s: _Step) -> tuple[LossSearchStatus, list[Action]]:
                 "mu": list(st.mu),
                 "sigma": st.sigma,
                 "program": space.program(list(st.mu), cfg),
+                # the loss to train with, as `amlfs export` hands it on: mu's program as the samples trained it
+                # (class balance included; selection-only: the preset), with the head it acts on
+                "loss": program_for(s.spec, list(st.mu)),
+                "head": s.spec.model.head,
+                "scale": s.spec.model.scale,
                 "epochs": st.epoch,
             },
         )

@@ -243,3 +243,28 @@ def test_what_the_operator_cannot_work_with_degrades_the_search_until_it_is_fixe
     _, st = c.reconcile()
     assert st["phase"] == "Running" and st["reason"] == "" and conditions(st)["Degraded"]["status"] == "False"
     assert len(st["samples"]) == 2 and len(c.core.created) == 2
+
+
+def test_a_storage_failure_degrades_the_search_with_an_event_and_the_next_pass_redoes_it(tmp_path):
+    from amlfs.controller.rewards import PushedResult
+
+    c = Cluster(tmp_path, spec(tmp_path, epochs=1))
+    _, st = c.reconcile()
+    root, c.core.events = st["storageRoot"], []
+    pushed = {(0, 0): PushedResult(0.5, False, "a" * 64), (0, 1): PushedResult(0.7, False, "b" * 64)}
+    c.rec.rewards.results = lambda *a, **k: pushed  # type: ignore[method-assign]
+    c.pod("s-e0-s0", "Succeeded", **failed(0, T0))
+    c.pod("s-e0-s1", "Succeeded", **failed(0, T0))
+    # the best sample's checkpoint is not where its result says: the promotion cannot copy it
+    _, st = c.reconcile()
+    degraded = conditions(st)["Degraded"]
+    assert degraded["status"] == "True" and degraded["reason"] == "StorageError" and root in degraded["message"]
+    assert st["epoch"] == 0 and st["phase"] == "Running"  # nothing advanced
+    assert [e["reason"] for e in c.core.events] == ["StorageError"]
+    for i in (0, 1):
+        storage.write_bytes(f"{root}/epoch-0000/sample-0{i}/checkpoint.pt", b"weights")
+        storage.write_json(f"{root}/epoch-0000/sample-0{i}/result.json", {"status": "ok"})
+    _, st = c.reconcile()
+    assert st["phase"] == "Succeeded" and st["reason"] == "Completed"
+    assert conditions(st)["Degraded"]["status"] == "False"
+    assert storage.read_bytes(f"{root}/final/checkpoint.pt") == b"weights"

@@ -229,14 +229,19 @@ class Reconciler:
         if root is None:
             msg = "spec.storage.uri: empty and the operator has no default storage; set spec.storage.uri"
             return PassResult(self.settings.interval, written=self._degrade(body, "NoStorage", msg))
-        if old is not None and old.reason in ("InvalidSpec", "NoStorage"):
+        if old is not None and old.reason in ("InvalidSpec", "NoStorage", "StorageError"):
             old.reason, old.message = "", ""
         uid = body["metadata"].get("uid", "")
         pods = {n: pod for n, pod in pods.items() if _owned_by(pod, uid)}  # not a deleted namesake's leftovers
         obs, pending_reward = self.observe(p, pods, root)
         new, actions = core.step(spec, old, obs, root)
         new.storage_root = root
-        self._each(functools.partial(effects.apply_storage, a) for a in _storage_parts(actions))
+        try:
+            self._each(functools.partial(effects.apply_storage, a) for a in _storage_parts(actions))
+        except (storage.StorageError, OSError) as exc:  # nothing advanced: the next pass redoes all of it
+            msg = f"storage at {root}: {exc}"[:1000]
+            self.event(body, "Warning", "StorageError", msg)
+            return PassResult(self.settings.interval, written=self._degrade(body, "StorageError", msg))
         for a in actions:
             if not isinstance(a, core.StartSample):
                 self._apply(p, a)

@@ -268,3 +268,33 @@ def test_a_storage_failure_degrades_the_search_with_an_event_and_the_next_pass_r
     assert st["phase"] == "Succeeded" and st["reason"] == "Completed"
     assert conditions(st)["Degraded"]["status"] == "False"
     assert storage.read_bytes(f"{root}/final/checkpoint.pt") == b"weights"
+
+
+def test_a_closed_epochs_pushgateway_groups_stay_until_scraped_then_go(tmp_path):
+    from amlfs.controller.rewards import PushedResult
+
+    c = Cluster(tmp_path, spec(tmp_path, epochs=2))
+    c.rec.settings.pushgateway, c.rec.settings.group_ttl = "http://pushgateway:9091", 60.0
+    pushed = {(0, 0): PushedResult(0.5, False, "a" * 64), (0, 1): PushedResult(0.7, False, "b" * 64)}
+    deleted: list[tuple[int, int]] = []
+    rewards = c.rec.rewards
+    rewards.results = lambda *a, **k: pushed  # type: ignore[method-assign]
+    rewards.cached = lambda *a, **k: {k: v for k, v in pushed.items() if k not in deleted}  # type: ignore[method-assign]
+    rewards.delete = lambda ns, name, e, s: deleted.append((e, s))  # type: ignore[attr-defined]
+    rewards.snapshot = lambda *a: None  # type: ignore[attr-defined]
+    c.reconcile()
+    root = c.custom.body["status"]["storageRoot"]
+    for i in (0, 1):
+        storage.write_bytes(f"{root}/epoch-0000/sample-0{i}/checkpoint.pt", b"w")
+        storage.write_json(f"{root}/epoch-0000/sample-0{i}/result.json", {"status": "ok"})
+        c.pod(f"s-e0-s{i}", "Succeeded", **failed(0, T0))
+    c.now = T0 + 1
+    res, st = c.reconcile()
+    assert st["epoch"] == 1 and deleted == []  # closed, but not yet scraped for sure
+    assert res.delay <= 5.0
+    c.now = T0 + 40
+    c.reconcile()
+    assert deleted == []
+    c.now = T0 + 61.5
+    c.reconcile()
+    assert sorted(deleted) == [(0, 0), (0, 1)]

@@ -50,6 +50,8 @@ class Operator:
             "2",
             "--reward-timeout",
             "20",
+            "--group-ttl",
+            "3",  # scraped every second here
             "--health-port",
             "0",
         ]
@@ -237,9 +239,17 @@ def test_full_search_from_kubectl_apply(cluster, reference, s3_server, monitorin
     for r in ("EpochStarted", "EpochCompleted", "Promoted", "SearchSucceeded"):
         assert r in reasons, reasons
     assert reasons.count("EpochCompleted") == 3
+
     # rewards went through the Pushgateway and its groups were removed once collected
-    groups = json.load(__import__("urllib.request").request.urlopen(f"{monitoring.pushgateway.url}/api/v1/metrics"))
-    assert not [g for g in groups["data"] if g["labels"].get("search") == name and g["labels"].get("namespace") == ns]
+    def ours() -> list[dict]:
+        url = f"{monitoring.pushgateway.url}/api/v1/metrics"
+        data = json.load(__import__("urllib.request").request.urlopen(url))["data"]
+        return [g for g in data if g["labels"].get("search") == name and g["labels"].get("namespace") == ns]
+
+    deadline = time.monotonic() + 30  # kept for the group TTL (3 s here) after their epoch closed
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ours()
     # printer columns
     out = cluster.kubectl("get", "losssearch", name, "-n", ns).stdout
     assert "Succeeded" in out and "3" in out

@@ -9,6 +9,7 @@ Settings come from flags or environment variables, so a Deployment sets them as 
   AMLFS_POD_RUN_AS_USER     uid, gid and fsGroup of the trainer pods (default 1000); empty: leave them unset for
                             the platform to assign (OpenShift's restricted-v2); runAsNonRoot is set either way
   AMLFS_REWARD_TIMEOUT      seconds before falling back to result.json (default 30)
+  AMLFS_GROUP_TTL           seconds a closed epoch's Pushgateway groups stay to be scraped (default 120)
   AMLFS_INTERVAL            seconds between passes when nothing happens (default 5)
   AMLFS_WORKERS             passes running at once (default 16)
   AMLFS_METRICS_PORT        /metrics port (default 8080); /healthz on AMLFS_HEALTH_PORT (default 8081)
@@ -61,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
         help="uid/gid/fsGroup of trainer pods; '' leaves them to the platform (default 1000)",
     )
     p.add_argument("--reward-timeout", type=float, default=float(e("AMLFS_REWARD_TIMEOUT", "30")))
+    p.add_argument("--group-ttl", type=float, default=float(e("AMLFS_GROUP_TTL", "120")))
     p.add_argument("--interval", type=float, default=float(e("AMLFS_INTERVAL", "5")))
     p.add_argument("--workers", type=int, default=int(e("AMLFS_WORKERS", "16")))
     p.add_argument("--metrics-port", type=int, default=int(e("AMLFS_METRICS_PORT", "8080")))
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         default_storage=args.default_storage,
         pod_s3_endpoint=args.pod_s3_endpoint,
         reward_timeout=args.reward_timeout,
+        group_ttl=args.group_ttl,
         run_as_user=args.pod_run_as_user,
         interval=args.interval,
         workers=max(1, args.workers),

@@ -83,6 +83,7 @@ class Settings:
     interval: float = 5.0  # seconds between passes when nothing wakes the search
     workers: int = 16  # passes running at once (threads); each pass is mostly waiting on the network
     run_as_user: int | None = 1000  # uid/gid/fsGroup of trainer pods; None: the platform assigns them
+    group_ttl: float = 120.0  # seconds a closed epoch's Pushgateway groups stay, so that Prometheus scrapes them
     retry_backoff: float = 5.0  # seconds before the first retry of a failed pod; doubles per retry, with jitter
     retry_backoff_max: float = 300.0
 
@@ -158,6 +159,11 @@ class Reconciler:
         self.clock = clock
         self.started = time.monotonic()
         self.recent = Recent()
+        # when each epoch closed (or its search ended), by (namespace, search, epoch): its Pushgateway groups are
+        # deleted group_ttl after that; epochs closed before this process started count from its start
+        self.closed_at: dict[tuple[str, str, int], float] = {}
+        self.born = clock()
+        self._closed_lock = threading.Lock()
         # the independent requests of one pass (copies, pod creations, deletions, events) go out together
         self.fanout = ThreadPoolExecutor(max_workers=max(4, settings.workers), thread_name_prefix="amlfs-io")
 
@@ -463,13 +469,26 @@ class Reconciler:
             metrics.observe_status(p.namespace, p.name, new, p.spec)
 
     def _closed_groups(self, p: Pass, new: LossSearchStatus) -> list[tuple[int, int]]:
-        """The Pushgateway groups to delete: those of an epoch that just closed or of a search that just finished,
-        and any group of a closed epoch or finished search still in the latest snapshot (e.g. left by a crash)."""
-        old, done = p.old, new.phase in FINISHED
+        """The Pushgateway groups to delete: those of closed epochs (of a finished search: all) once they have been
+        there `group_ttl` seconds since their epoch closed, long enough for Prometheus to scrape them for the
+        dashboards; also leftovers of a crash still in the latest snapshot. Sets `p.retry_in` so that a pass
+        comes when the next of them is due."""
+        old, done, now, ttl = p.old, new.phase in FINISHED, self.clock(), self.settings.group_ttl
+        groups = set(self.rewards.cached(p.namespace, p.name))
+        with self._closed_lock:
+            if old is not None and (new.epoch != old.epoch or (done and old.phase not in FINISHED)):
+                self.closed_at.setdefault((p.namespace, p.name, old.epoch), now)
+                groups |= {(old.epoch, x.index) for x in old.samples}
+            if len(self.closed_at) > 4096:
+                self.closed_at = {k: t for k, t in self.closed_at.items() if now - t < 2 * ttl}
+            closed = {e: self.closed_at.get((p.namespace, p.name, e), self.born) for e, _ in groups}
         drop: set[tuple[int, int]] = set()
-        if old is not None and (new.epoch != old.epoch or (done and old.phase not in FINISHED)):
-            drop |= {(old.epoch, x.index) for x in old.samples}
-        drop |= {(e, s) for e, s in self.rewards.cached(p.namespace, p.name) if e < new.epoch or done}
+        for e, smp in groups:
+            if e < new.epoch or done:
+                if now - closed[e] >= ttl:
+                    drop.add((e, smp))
+                else:
+                    p.retry_in = min(p.retry_in, closed[e] + ttl - now)
         return sorted(drop)
 
     def _backoff(self, p: Pass, a: core.StartSample, pods: Mapping[str, dict]) -> float:

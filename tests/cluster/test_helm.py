@@ -648,6 +648,7 @@ def test_helm_install_runs_a_search_with_least_privilege_and_the_dashboards_show
         doc["spec"]["search"].update(epochs=2, samplesPerEpoch=2)
         doc["spec"]["storage"] = {"secretName": "amlfs-s3"}  # bucket and endpoint: the chart's defaults
         doc["spec"]["trainer"]["metricsPort"] = trainer_port
+        doc["spec"]["trainer"]["resources"]["gpu"] = 0  # the test nodes have no GPU
         apply(cluster, search_ns, doc)
         # one trainer crashes once: the operator retries it, and the dashboards' failure panels have data
         wait_running(cluster, search_ns, f"{name}-e0-s1", timeout=180)

@@ -17,6 +17,7 @@ from amlfs.spec import InitSpec, LossSearchSpec, spec_to_json
 from amlfs_trainer.cli import EXIT_CONFIG, EXIT_OK, main
 from amlfs_trainer.data import load_task
 from amlfs_trainer.models import build_model
+from amlfs_trainer.optim import lr_factor, schedule_epochs
 from amlfs_trainer.train import sample_seed
 
 SPEC = LossSearchSpec.model_validate(
@@ -97,6 +98,51 @@ def test_one_epoch_then_the_next_from_its_checkpoint(tmp_path):
     k = next(iter(ck1["optimizer"]["state"]))
     m0, m1 = (c["optimizer"]["state"][k]["momentum_buffer"] for c in (ck, ck1))
     assert not torch.equal(m0, m1)
+
+
+def train_epochs(tmp_path: Path, spec: LossSearchSpec, epochs: range, start: dict | None) -> list[dict]:
+    """Sample 0 of each epoch in turn, each from the previous one's checkpoint; the checkpoints loaded."""
+    out = []
+    for e in epochs:
+        prefix = f"file://{tmp_path}/e{e}"
+        more = ["--start", start["checkpoint"], "--start-sha256", start["sha256"]] if start else []
+        assert main(args(tmp_path, e, 0, prefix, *more, spec=spec)) == EXIT_OK
+        start = storage.read_json(f"{prefix}/result.json")
+        out.append(torch.load(Path(storage.parse(start["checkpoint"]).key), weights_only=False) | {"result": start})
+    return out
+
+
+def lr(ck: dict) -> float:
+    return ck["optimizer"]["param_groups"][0]["lr"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_raised_epochs_continue_at_the_final_lr_of_the_original_schedule(tmp_path, schedule):
+    short = SPEC.model_copy(update={"optimizer": SPEC.optimizer.model_copy(update={"schedule": schedule})})
+    short = LossSearchSpec.model_validate(short.model_dump() | {"search": short.search.model_dump() | {"epochs": 2}})
+    run = train_epochs(tmp_path, short, range(2), None)
+    steps = run[0]["scheduler"]["last_epoch"]
+    # the run as planned: its schedule spans its 2 epochs
+    for e, ck in enumerate(run):
+        assert ck["scheduleEpochs"] == 2
+        assert lr(ck) == pytest.approx(0.05 * lr_factor(short.optimizer, (e + 1) * steps, 2 * steps, steps))
+    final = lr(run[-1])
+    assert final == pytest.approx(0.05 * (0.0 if schedule == "cosine" else 0.01))
+    # raised to 8 epochs after it finished: the added epochs keep the original schedule, at its final LR
+    longer = LossSearchSpec.model_validate(short.model_dump() | {"search": short.search.model_dump() | {"epochs": 8}})
+    ext = train_epochs(tmp_path, longer, range(2, 4), run[-1]["result"])
+    for ck in ext:
+        assert ck["scheduleEpochs"] == 2 and lr(ck) == pytest.approx(final)
+        assert ck["scheduler"]["_last_lr"][0] == pytest.approx(final)
+    assert ext[-1]["scheduler"]["last_epoch"] == 4 * steps
+
+
+def test_schedule_span_of_a_checkpoint():
+    assert schedule_epochs(None, 10) == 10  # the first epoch: search.epochs
+    assert schedule_epochs({"scheduleEpochs": 4, "spec": {"search": {"epochs": 6}}}, 10) == 4
+    # written before the span was stored: the epochs of the spec that wrote it, else search.epochs
+    assert schedule_epochs({"spec": {"search": {"epochs": 6}}}, 10) == 6
+    assert schedule_epochs({"model": {}}, 10) == 10
 
 
 def test_samples_are_reproducible_and_differ_from_each_other(tmp_path):

@@ -202,7 +202,9 @@ class OptimizerSpec(Model):
     nesterov: bool = Field(False, description="Nesterov momentum (sgd only).")
     weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay (adamw: decoupled).")
     schedule: Literal["cosine", "step", "constant"] = Field(
-        "cosine", description="Per-iteration schedule over all search epochs."
+        "cosine",
+        description="Per-iteration schedule over the search's epochs as it began (search.epochs at epoch 0); "
+        "epochs added later train at its final LR.",
     )
     warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length, in epochs.")
     milestones: list[float] = Field(
@@ -296,8 +298,10 @@ class SearchSpec(Model):
         10,
         ge=1,
         le=100000,
-        description="Search epochs; each trains every sample one epoch. "
-        "May be raised on a running search to extend it.",
+        description="Search epochs; each trains every sample one epoch. May be raised on a running or finished "
+        "search to extend it. The LR schedule keeps the span the search began with (stored in its checkpoints), "
+        "so added epochs train at the schedule's final LR (constant: optimizer.lr; step: lr x gamma per "
+        "milestone; cosine: 0, which leaves the network as it is): set epochs when creating a cosine search.",
         json_schema_extra=cel(("self >= 1", "spec.search.epochs must be at least 1; set epochs: 1 or more")),
     )
     samples_per_epoch: int = Field(

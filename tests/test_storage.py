@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -120,3 +121,51 @@ def test_download_prefix_fetches_in_parallel_and_keeps_cached_files(root, tmp_pa
         if rel != "part-0/f00.bin":
             assert (dest / rel).read_bytes() == data, rel
     assert not list(dest.rglob("*.tmp"))
+
+
+# --- what a failure means ---------------------------------------------------------------------------------
+
+
+def client_error(code: str, status: int) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Get"
+    )
+
+
+@pytest.mark.parametrize(
+    "exc,kind",
+    [
+        (client_error("NoSuchKey", 404), storage.NotFound),
+        (client_error("404", 404), storage.NotFound),
+        (client_error("AccessDenied", 403), storage.Rejected),
+        (client_error("NoSuchBucket", 404), storage.Rejected),
+        (client_error("InternalError", 500), storage.StorageError),
+        (client_error("ServiceUnavailable", 503), storage.StorageError),
+        (client_error("SlowDown", 503), storage.StorageError),
+        (client_error("TooManyRequests", 429), storage.StorageError),
+        (client_error("RequestTimeout", 400), storage.StorageError),
+    ],
+)
+def test_failures_are_classified(exc, kind):
+    def fail() -> None:
+        raise exc
+
+    with pytest.raises(storage.StorageError) as info:
+        storage._s3_call(fail)
+    assert type(info.value) is kind
+
+
+def test_a_refused_connection_is_transient(monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    storage._clients.clear()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    with pytest.raises(storage.StorageError) as info:
+        storage.read_bytes("s3://bkt/k")
+    assert type(info.value) is storage.StorageError and "Could not connect" in str(info.value)
+    storage._clients.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from amlfs import storage
 from amlfs.spaces import SpaceConfig, get_space
 from amlfs.spec import InitSpec, LossSearchSpec, spec_to_json
-from amlfs_trainer.cli import EXIT_CONFIG, EXIT_OK, main
+from amlfs_trainer.cli import EXIT_CONFIG, EXIT_OK, EXIT_TRANSIENT, main
 from amlfs_trainer.data import load_task
 from amlfs_trainer.models import build_model
 from amlfs_trainer.optim import lr_factor, schedule_epochs
@@ -292,6 +293,40 @@ def test_round_trip_through_real_s3_in_a_subprocess(tmp_path, s3_server):
     import hashlib
 
     assert hashlib.sha256(body).hexdigest() == r1["sha256"]
+
+
+def s3_data(root: str) -> LossSearchSpec:
+    """SPEC on CIFAR-10 read from an s3:// prefix."""
+    return SPEC.model_copy(update={"task": SPEC.task.model_copy(update={"dataset": "cifar10", "data_root": root})})
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_dataset_unreachable_on_s3_is_transient(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    storage._clients.clear()
+    out = f"file://{tmp_path}/out"
+    argv = args(tmp_path, 0, 0, out, "--cache-dir", str(tmp_path / "cache"), spec=s3_data("s3://amlfs/cifar"))
+    assert main(argv) == EXIT_TRANSIENT  # retried by the runner and the operator, unlike exit 2
+    assert "transient error" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    storage._clients.clear()
+
+
+@pytest.mark.parametrize("where", ["empty-prefix", "no-bucket"])
+def test_dataset_missing_on_s3_is_a_config_error(tmp_path, s3_env, capsys, where):
+    root = f"s3://{s3_env.bucket}/nothing-{os.urandom(3).hex()}" if where == "empty-prefix" else "s3://no-such-b/x"
+    argv = args(tmp_path, 0, 0, f"file://{tmp_path}/out", "--cache-dir", str(tmp_path / "c"), spec=s3_data(root))
+    assert main(argv) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("amlfs-trainer: error: task.dataRoot: ") and root in err[0], err
+    assert "; check the" in err[0]
 
 
 @pytest.mark.parametrize("space", ["search-softmax"])

@@ -30,6 +30,11 @@ class NotFound(StorageError):
     """The object does not exist."""
 
 
+class Rejected(StorageError):
+    """The request was refused for a reason a retry does not change: access denied, no such bucket, a bad
+    request, no credentials."""
+
+
 @dataclass(frozen=True)
 class Location:
     scheme: str  # "s3" or "file"
@@ -66,6 +71,8 @@ def normalize(uri: str) -> str:
 # --- S3 client -----------------------------------------------------------------------------------
 
 _clients: dict[tuple[str, str], Any] = {}
+_RETRYABLE_4XX = (408, 429)  # request timeout, too many requests
+_RETRYABLE_CODES = ("RequestTimeout", "SlowDown", "Throttling", "ThrottlingException")
 
 
 def _endpoint() -> str:
@@ -91,17 +98,35 @@ def s3_client(endpoint: str | None = None) -> Any:
     return _clients[key]
 
 
+def _client_error(exc: Any) -> StorageError:
+    """NotFound for a missing object, Rejected for another refusal a retry cannot fix, else a StorageError
+    (server errors, throttling: transient)."""
+    code = exc.response.get("Error", {}).get("Code", "")
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if code in ("404", "NoSuchKey", "NotFound"):
+        return NotFound(str(exc))
+    if 400 <= status < 500 and status not in _RETRYABLE_4XX and code not in _RETRYABLE_CODES:
+        return Rejected(f"S3 error {code}: {exc}")
+    return StorageError(f"S3 error {code}: {exc}")
+
+
 def _s3_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    from botocore.exceptions import BotoCoreError, ClientError
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        NoCredentialsError,
+        ParamValidationError,
+        PartialCredentialsError,
+    )
 
     try:
         return fn(*args, **kwargs)
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("404", "NoSuchKey", "NotFound"):
-            raise NotFound(str(exc)) from None
-        raise StorageError(f"S3 error {code}: {exc}") from None
-    except BotoCoreError as exc:
+        raise _client_error(exc) from None
+    except (NoCredentialsError, PartialCredentialsError, ParamValidationError) as exc:
+        raise Rejected(f"S3 error: {exc}") from None
+    except (BotoCoreError, Boto3Error) as exc:  # connection refused or reset, timeouts, retries exhausted
         raise StorageError(f"S3 error: {exc}") from None
 
 
@@ -210,10 +235,14 @@ def list_prefix(uri: str) -> list[str]:
 def download_prefix(uri: str, dest: Path, workers: int = 8) -> Path:
     """Copy every object under a prefix into dest, keeping relative paths, `workers` objects at a time (a
     dataset of many small objects is bound by round trips, not bandwidth). Files already there with the same
-    size are kept (a dataset cache shared by the samples of a node); each file appears atomically."""
+    size are kept (a dataset cache shared by the samples of a node); each file appears atomically. An empty or
+    missing prefix is NotFound."""
     base = parse(uri).key.rstrip("/")
+    objects = list_sizes(uri)
+    if not objects:
+        raise NotFound(f"{uri}: no objects below this prefix")
     todo = []
-    for obj, size in list_sizes(uri):
+    for obj, size in objects:
         target = dest / parse(obj).key[len(base) :].lstrip("/")
         if not (target.exists() and target.stat().st_size == size):
             todo.append((obj, target))

@@ -123,6 +123,55 @@ def test_download_prefix_fetches_in_parallel_and_keeps_cached_files(root, tmp_pa
     assert not list(dest.rglob("*.tmp"))
 
 
+# --- the S3 client chosen per endpoint ------------------------------------------
+
+CLIENTS = [
+    # endpoint, AMLFS_S3_ADDRESSING, AMLFS_S3_CHECKSUMS, addressing, checksums, presigned URL of s3://bkt/k
+    ("", "", "", "auto", "when_supported", "https://bkt.s3.amazonaws.com/k"),
+    (
+        "https://s3.eu-west-1.amazonaws.com",
+        "",
+        "",
+        "virtual",
+        "when_supported",
+        "https://bkt.s3.eu-west-1.amazonaws.com/k",
+    ),
+    ("http://127.0.0.1:8333", "", "", "path", "when_required", "http://127.0.0.1:8333/bkt/k"),
+    (
+        "https://minio.example.org",
+        "virtual",
+        "when_supported",
+        "virtual",
+        "when_supported",
+        "https://bkt.minio.example.org/k",
+    ),
+    ("", "path", "when_required", "path", "when_required", "https://s3.amazonaws.com/bkt/k"),
+]
+
+
+@pytest.mark.parametrize("endpoint,addressing_env,checksums_env,addressing,checksums,url", CLIENTS)
+def test_client_config_per_endpoint(monkeypatch, endpoint, addressing_env, checksums_env, addressing, checksums, url):
+    for name, value in (("AMLFS_S3_ADDRESSING", addressing_env), ("AMLFS_S3_CHECKSUMS", checksums_env)):
+        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    storage._clients.clear()
+    client = storage.s3_client(endpoint)
+    cfg = client.meta.config
+    assert cfg.s3["addressing_style"] == addressing
+    assert cfg.request_checksum_calculation == checksums and cfg.response_checksum_validation == checksums
+    # the request the client actually builds
+    assert client.generate_presigned_url("get_object", Params={"Bucket": "bkt", "Key": "k"}).split("?")[0] == url
+    storage._clients.clear()
+
+
+def test_bad_client_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("AMLFS_S3_CHECKSUMS", "always")
+    with pytest.raises(storage.ConfigError, match=r"^AMLFS_S3_CHECKSUMS: 'always' is not one of .*; set one"):
+        storage.s3_client("http://127.0.0.1:1")
+
+
 # --- what a failure means ---------------------------------------------------------------------------------
 
 

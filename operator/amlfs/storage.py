@@ -3,7 +3,10 @@
 Writes are atomic: local files go to a temporary name and are renamed into place; S3 objects only appear
 once the (multipart) upload completes. Credentials for S3 come from the standard AWS environment variables;
 `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` (or the `endpoint` argument) select an S3-compatible server.
-boto3 is imported lazily so that the search core never needs it.
+AWS gets boto3's defaults (virtual-hosted addressing, checksums on every request that supports them); other
+endpoints get path-style addressing and checksums only where S3 requires them, which older S3-compatible servers
+understand. `AMLFS_S3_ADDRESSING` (auto, virtual, path) and `AMLFS_S3_CHECKSUMS` (when_supported, when_required)
+override either choice. boto3 is imported lazily so that the search core never needs it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from amlfs.contract import ConfigError
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 
@@ -70,7 +75,9 @@ def normalize(uri: str) -> str:
 
 # --- S3 client -----------------------------------------------------------------------------------
 
-_clients: dict[tuple[str, str], Any] = {}
+_clients: dict[tuple[str, ...], Any] = {}
+ADDRESSING = ("auto", "virtual", "path")
+CHECKSUMS = ("when_supported", "when_required")
 _RETRYABLE_4XX = (408, 429)  # request timeout, too many requests
 _RETRYABLE_CODES = ("RequestTimeout", "SlowDown", "Throttling", "ThrottlingException")
 
@@ -79,17 +86,48 @@ def _endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
 
 
+def is_aws(endpoint: str) -> bool:
+    """No endpoint (boto3 resolves AWS's) or an AWS host name."""
+    if not endpoint:
+        return True
+    host = urlparse(endpoint).hostname or ""
+    return any(host == d or host.endswith(f".{d}") for d in ("amazonaws.com", "amazonaws.com.cn"))
+
+
+def _choice(variable: str, allowed: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(variable, "").strip().lower()
+    if not value:
+        return default
+    if value not in allowed:
+        raise ConfigError(f"{variable}: {value!r} is not one of {', '.join(allowed)}; set one of them or unset it")
+    return value
+
+
+def client_settings(endpoint: str) -> tuple[str, str]:
+    """(addressing style, checksum mode) for an endpoint. AWS: virtual-hosted style (boto3's `auto` without an
+    endpoint; an explicit AWS endpoint needs `virtual`, as `auto` means path style there) and boto3's checksums. An
+    S3-compatible server: path style (it may not serve bucket subdomains) and checksums only where required
+    (servers older than S3's default integrity checks reject the new checksum headers)."""
+    aws = is_aws(endpoint)
+    addressing = _choice("AMLFS_S3_ADDRESSING", ADDRESSING, ("virtual" if endpoint else "auto") if aws else "path")
+    checksums = _choice("AMLFS_S3_CHECKSUMS", CHECKSUMS, "when_supported" if aws else "when_required")
+    return addressing, checksums
+
+
 def s3_client(endpoint: str | None = None) -> Any:
     import boto3
     from botocore.config import Config
 
     ep = endpoint if endpoint is not None else _endpoint()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    key = (ep, region)
+    addressing, checksums = client_settings(ep)
+    key = (ep, region, addressing, checksums)
     if key not in _clients:
         cfg = Config(
             retries={"max_attempts": 5, "mode": "standard"},
-            s3={"addressing_style": "path"},
+            s3={"addressing_style": addressing},
+            request_checksum_calculation=checksums,
+            response_checksum_validation=checksums,
             connect_timeout=10,
             read_timeout=120,
             max_pool_connections=64,  # the operator's passes share one client from many threads

@@ -348,3 +348,25 @@ def test_a_running_sample_carries_why_its_trainer_has_not_started():
     assert st.samples[0].state == "Running" and st.samples[0].message == "waiting: ImagePullBackOff: x"
     st, _ = core.step(spec, st, [core.Observation(0, 0, "running")], ROOT)
     assert st.samples[0].message == ""
+
+
+def test_a_changed_sigma_applies_from_the_next_epoch():
+    spec = make_spec(elitism=False, antithetic=False)
+    status, actions = core.step(spec, None, [], ROOT)
+    planned = [a.theta for a in actions if isinstance(a, core.StartSample)]
+    wider = make_spec(elitism=False, antithetic=False, sigma=0.6)
+    # mid-epoch: the samples already planned (and the update they feed) keep the sigma they were drawn with
+    obs = [core.Observation(0, i, "succeeded", 0, reward=float(i), sha256="s") for i in range(len(planned))]
+    after, actions = core.step(wider, status, obs, ROOT)
+    history = next(a.record for a in actions if isinstance(a, core.AppendHistory))
+    assert history["sigma"] == 0.2 and history["thetas"] == planned
+    grad = reinforce.reinforce_gradient(
+        status.mu, planned, reinforce.update_rewards([0.0, 1.0, 2.0, 3.0], [False] * 4, False), 0.2
+    )
+    expected, _ = reinforce.adam_ascent(status.mu, grad, status.adam, spec.search.lr)
+    expected = reinforce.clip_to(expected, core.initial_mu(spec), spec.search.mu_bound)
+    assert after.mu == pytest.approx(expected)
+    # the next epoch samples with the new sigma
+    assert after.epoch == 1 and after.sigma == 0.6
+    again = reinforce.sample_thetas(after.mu, 0.6, 7, 1, 4, False, False)
+    assert [x.theta for x in after.samples] == again

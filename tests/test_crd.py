@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from amlfs import crd
-from amlfs.spec import STORAGE_URI, STORAGE_URI_CEL, LossSearchSpec
+from amlfs.spec import STORAGE_URI, STORAGE_URI_CEL, LossSearchSpec, Model, cel, immutable, immutable_paths
 from amlfs.status import LossSearchStatus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,9 +288,30 @@ def test_cel_rules_name_the_field_and_the_fix(schema):
         ".spec.search.reward",
         ".spec.search.antithetic",
     }
-    # the knobs a user raises on a running search stay mutable
-    for path in (".spec.search.epochs", ".spec.suspend", ".spec.optimizer", ".spec.trainer"):
+    # the knobs a user raises on a running search stay mutable (sigma applies from the next epoch)
+    for path in (".spec.search.epochs", ".spec.search.sigma", ".spec.suspend", ".spec.optimizer", ".spec.trainer"):
         assert path not in immutable
+    # the runner's resume check reads the same markers
+    assert {f".spec.{p}" for p in immutable_paths()} == immutable
+
+
+def test_immutable_paths_find_every_marker():
+    class Leaf(Model):
+        model_config = {**Model.model_config, "json_schema_extra": cel(immutable("spec.b.frozen", "why"))}
+        x: int = 0
+
+    class Inner(Model):
+        kept: int = Field(0, json_schema_extra=cel(immutable("spec.b.kept", "why"), ("self > 0", "spec.b.kept")))
+        free: int = Field(0, json_schema_extra=cel(("self >= 0", "spec.b.free must be >= 0; set 0")))
+        frozen: Leaf = Field(default_factory=Leaf)
+
+    class Outer(Model):
+        a_whole: Inner = Field(default_factory=Inner, json_schema_extra=cel(immutable("spec.aWhole", "why")))
+        b: Inner = Field(default_factory=Inner)
+        c: int = 0
+
+    # camelCase paths; a frozen field is listed once, not its children; a marker on a model class counts
+    assert immutable_paths(Outer) == ["aWhole", "b.kept", "b.frozen"]
 
 
 def test_storage_uri_rule_matches_the_python_regex():

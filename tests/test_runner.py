@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -135,8 +136,72 @@ def test_resume_of_a_search_begun_before_new_fields_existed(tmp_path):
     assert runner.load() is None
     # the new defaults would change how the old search samples: refused, naming the field
     runner = LocalRunner(parse_manifest(MANIFEST), tmp_path)
-    with pytest.raises(SpecError, match=r"spec.search.commonRandomNumbers: changed"):
+    with pytest.raises(SpecError, match=r"^spec.search.(antithetic|commonRandomNumbers): changed"):
         runner.load()
+
+
+CRD_FILE = Path(__file__).resolve().parents[1] / "crds" / "losssearch.yaml"
+
+
+def crd_frozen_paths() -> set[str]:
+    """Paths below spec that the checked-in CRD's transition rules freeze (what the API server enforces)."""
+    schema = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    found: set[str] = set()
+
+    def visit(node: dict, path: str) -> None:
+        if any(r["rule"] == "self == oldSelf" for r in node.get("x-kubernetes-validations", [])):
+            found.add(path)
+        for name, sub in node.get("properties", {}).items():
+            visit(sub, f"{path}.{name}".lstrip("."))
+
+    visit(schema["properties"]["spec"], "")
+    return found
+
+
+def leaves(doc: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in doc.items():
+        path = f"{prefix}{key}"
+        out.extend(leaves(value, f"{path}.") if isinstance(value, dict) and value else [path])
+    return out
+
+
+def with_changed(doc: dict, path: str) -> dict:
+    changed = json.loads(json.dumps(doc))
+    *parents, last = path.split(".")
+    node = changed
+    for key in parents:
+        node = node[key]
+    node[last] = ["changed"]  # differs from every value a spec holds
+    return changed
+
+
+def test_resume_refuses_exactly_what_the_crd_freezes(tmp_path):
+    frozen = crd_frozen_paths()
+    assert {"search.seed", "search.init", "task", "model"} <= frozen and "search.sigma" not in frozen
+    runner = LocalRunner(parse_manifest(MANIFEST), tmp_path)
+    runner.dir.mkdir(parents=True)
+    current = json.loads(runner.spec.model_dump_json(by_alias=True))
+    paths = leaves(current)
+    assert len(paths) > 60 and "search.sigma" in paths and "task.labelNoise.rate" in paths
+    for path in paths:
+        runner.spec_path.write_text(json.dumps(with_changed(current, path)))
+        refused = any(path == f or path.startswith(f"{f}.") for f in frozen)
+        if refused:
+            field = next(f for f in frozen if path == f or path.startswith(f"{f}."))
+            with pytest.raises(SpecError, match=rf"^spec\.{re.escape(field)}: changed since this search began"):
+                runner.load()
+        else:
+            assert runner.load() is None, path
+
+
+def test_changed_sigma_is_resumed_with_the_new_value(tmp_path):
+    runner = LocalRunner(parse_manifest(MANIFEST), tmp_path)
+    runner.dir.mkdir(parents=True)
+    old = json.loads(runner.spec.model_dump_json(by_alias=True))
+    old["search"]["sigma"] = 0.5
+    runner.spec_path.write_text(json.dumps(old))
+    assert runner.load() is None
 
 
 # --- the worker pool against one process per sample ---------------------------------------------------------

@@ -29,7 +29,7 @@ def test_examples_are_valid_and_bundled():
 def test_spec_round_trips_through_json_with_camel_case():
     spec = load_manifest(REPO / "examples" / "cifar10-resnet20.yaml").spec
     text = spec_to_json(spec)
-    assert '"samplesPerEpoch":4' in text and "samples_per_epoch" not in text
+    assert '"samplesPerEpoch":8' in text and '"samplesPerPod":8' in text and "samples_per_epoch" not in text
     assert spec_from_json(text) == spec
 
 

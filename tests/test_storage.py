@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -120,3 +121,100 @@ def test_download_prefix_fetches_in_parallel_and_keeps_cached_files(root, tmp_pa
         if rel != "part-0/f00.bin":
             assert (dest / rel).read_bytes() == data, rel
     assert not list(dest.rglob("*.tmp"))
+
+
+# --- the S3 client chosen per endpoint ------------------------------------------
+
+CLIENTS = [
+    # endpoint, AMLFS_S3_ADDRESSING, AMLFS_S3_CHECKSUMS, addressing, checksums, presigned URL of s3://bkt/k
+    ("", "", "", "auto", "when_supported", "https://bkt.s3.amazonaws.com/k"),
+    (
+        "https://s3.eu-west-1.amazonaws.com",
+        "",
+        "",
+        "virtual",
+        "when_supported",
+        "https://bkt.s3.eu-west-1.amazonaws.com/k",
+    ),
+    ("http://127.0.0.1:8333", "", "", "path", "when_required", "http://127.0.0.1:8333/bkt/k"),
+    (
+        "https://minio.example.org",
+        "virtual",
+        "when_supported",
+        "virtual",
+        "when_supported",
+        "https://bkt.minio.example.org/k",
+    ),
+    ("", "path", "when_required", "path", "when_required", "https://s3.amazonaws.com/bkt/k"),
+]
+
+
+@pytest.mark.parametrize("endpoint,addressing_env,checksums_env,addressing,checksums,url", CLIENTS)
+def test_client_config_per_endpoint(monkeypatch, endpoint, addressing_env, checksums_env, addressing, checksums, url):
+    for name, value in (("AMLFS_S3_ADDRESSING", addressing_env), ("AMLFS_S3_CHECKSUMS", checksums_env)):
+        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    storage._clients.clear()
+    client = storage.s3_client(endpoint)
+    cfg = client.meta.config
+    assert cfg.s3["addressing_style"] == addressing
+    assert cfg.request_checksum_calculation == checksums and cfg.response_checksum_validation == checksums
+    # the request the client actually builds
+    assert client.generate_presigned_url("get_object", Params={"Bucket": "bkt", "Key": "k"}).split("?")[0] == url
+    storage._clients.clear()
+
+
+def test_bad_client_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("AMLFS_S3_CHECKSUMS", "always")
+    with pytest.raises(storage.ConfigError, match=r"^AMLFS_S3_CHECKSUMS: 'always' is not one of .*; set one"):
+        storage.s3_client("http://127.0.0.1:1")
+
+
+# --- what a failure means ---------------------------------------------------------------------------------
+
+
+def client_error(code: str, status: int) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Get"
+    )
+
+
+@pytest.mark.parametrize(
+    "exc,kind",
+    [
+        (client_error("NoSuchKey", 404), storage.NotFound),
+        (client_error("404", 404), storage.NotFound),
+        (client_error("AccessDenied", 403), storage.Rejected),
+        (client_error("NoSuchBucket", 404), storage.Rejected),
+        (client_error("InternalError", 500), storage.StorageError),
+        (client_error("ServiceUnavailable", 503), storage.StorageError),
+        (client_error("SlowDown", 503), storage.StorageError),
+        (client_error("TooManyRequests", 429), storage.StorageError),
+        (client_error("RequestTimeout", 400), storage.StorageError),
+    ],
+)
+def test_failures_are_classified(exc, kind):
+    def fail() -> None:
+        raise exc
+
+    with pytest.raises(storage.StorageError) as info:
+        storage._s3_call(fail)
+    assert type(info.value) is kind
+
+
+def test_a_refused_connection_is_transient(monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    storage._clients.clear()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    with pytest.raises(storage.StorageError) as info:
+        storage.read_bytes("s3://bkt/k")
+    assert type(info.value) is storage.StorageError and "Could not connect" in str(info.value)
+    storage._clients.clear()

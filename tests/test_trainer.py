@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ import torch
 from amlfs import storage
 from amlfs.spaces import SpaceConfig, get_space
 from amlfs.spec import InitSpec, LossSearchSpec, spec_to_json
-from amlfs_trainer.cli import EXIT_CONFIG, EXIT_OK, main
+from amlfs_trainer.cli import EXIT_CONFIG, EXIT_OK, EXIT_TRANSIENT, main
 from amlfs_trainer.data import load_task
 from amlfs_trainer.models import build_model
+from amlfs_trainer.optim import lr_factor, schedule_epochs
 from amlfs_trainer.train import sample_seed
 
 SPEC = LossSearchSpec.model_validate(
@@ -97,6 +99,51 @@ def test_one_epoch_then_the_next_from_its_checkpoint(tmp_path):
     k = next(iter(ck1["optimizer"]["state"]))
     m0, m1 = (c["optimizer"]["state"][k]["momentum_buffer"] for c in (ck, ck1))
     assert not torch.equal(m0, m1)
+
+
+def train_epochs(tmp_path: Path, spec: LossSearchSpec, epochs: range, start: dict | None) -> list[dict]:
+    """Sample 0 of each epoch in turn, each from the previous one's checkpoint; the checkpoints loaded."""
+    out = []
+    for e in epochs:
+        prefix = f"file://{tmp_path}/e{e}"
+        more = ["--start", start["checkpoint"], "--start-sha256", start["sha256"]] if start else []
+        assert main(args(tmp_path, e, 0, prefix, *more, spec=spec)) == EXIT_OK
+        start = storage.read_json(f"{prefix}/result.json")
+        out.append(torch.load(Path(storage.parse(start["checkpoint"]).key), weights_only=False) | {"result": start})
+    return out
+
+
+def lr(ck: dict) -> float:
+    return ck["optimizer"]["param_groups"][0]["lr"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_raised_epochs_continue_at_the_final_lr_of_the_original_schedule(tmp_path, schedule):
+    short = SPEC.model_copy(update={"optimizer": SPEC.optimizer.model_copy(update={"schedule": schedule})})
+    short = LossSearchSpec.model_validate(short.model_dump() | {"search": short.search.model_dump() | {"epochs": 2}})
+    run = train_epochs(tmp_path, short, range(2), None)
+    steps = run[0]["scheduler"]["last_epoch"]
+    # the run as planned: its schedule spans its 2 epochs
+    for e, ck in enumerate(run):
+        assert ck["scheduleEpochs"] == 2
+        assert lr(ck) == pytest.approx(0.05 * lr_factor(short.optimizer, (e + 1) * steps, 2 * steps, steps))
+    final = lr(run[-1])
+    assert final == pytest.approx(0.05 * (0.0 if schedule == "cosine" else 0.01))
+    # raised to 8 epochs after it finished: the added epochs keep the original schedule, at its final LR
+    longer = LossSearchSpec.model_validate(short.model_dump() | {"search": short.search.model_dump() | {"epochs": 8}})
+    ext = train_epochs(tmp_path, longer, range(2, 4), run[-1]["result"])
+    for ck in ext:
+        assert ck["scheduleEpochs"] == 2 and lr(ck) == pytest.approx(final)
+        assert ck["scheduler"]["_last_lr"][0] == pytest.approx(final)
+    assert ext[-1]["scheduler"]["last_epoch"] == 4 * steps
+
+
+def test_schedule_span_of_a_checkpoint():
+    assert schedule_epochs(None, 10) == 10  # the first epoch: search.epochs
+    assert schedule_epochs({"scheduleEpochs": 4, "spec": {"search": {"epochs": 6}}}, 10) == 4
+    # written before the span was stored: the epochs of the spec that wrote it, else search.epochs
+    assert schedule_epochs({"spec": {"search": {"epochs": 6}}}, 10) == 6
+    assert schedule_epochs({"model": {}}, 10) == 10
 
 
 def test_samples_are_reproducible_and_differ_from_each_other(tmp_path):
@@ -251,6 +298,40 @@ def test_round_trip_through_real_s3_in_a_subprocess(tmp_path, s3_server):
     import hashlib
 
     assert hashlib.sha256(body).hexdigest() == r1["sha256"]
+
+
+def s3_data(root: str) -> LossSearchSpec:
+    """SPEC on CIFAR-10 read from an s3:// prefix."""
+    return SPEC.model_copy(update={"task": SPEC.task.model_copy(update={"dataset": "cifar10", "data_root": root})})
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_dataset_unreachable_on_s3_is_transient(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    storage._clients.clear()
+    out = f"file://{tmp_path}/out"
+    argv = args(tmp_path, 0, 0, out, "--cache-dir", str(tmp_path / "cache"), spec=s3_data("s3://amlfs/cifar"))
+    assert main(argv) == EXIT_TRANSIENT  # retried by the runner and the operator, unlike exit 2
+    assert "transient error" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    storage._clients.clear()
+
+
+@pytest.mark.parametrize("where", ["empty-prefix", "no-bucket"])
+def test_dataset_missing_on_s3_is_a_config_error(tmp_path, s3_env, capsys, where):
+    root = f"s3://{s3_env.bucket}/nothing-{os.urandom(3).hex()}" if where == "empty-prefix" else "s3://no-such-b/x"
+    argv = args(tmp_path, 0, 0, f"file://{tmp_path}/out", "--cache-dir", str(tmp_path / "c"), spec=s3_data(root))
+    assert main(argv) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("amlfs-trainer: error: task.dataRoot: ") and root in err[0], err
+    assert "; check the" in err[0]
 
 
 @pytest.mark.parametrize("space", ["search-softmax"])

@@ -232,6 +232,7 @@ def _reopen(s: _Step) -> bool:
 
 def _plan_epoch(s: _Step) -> None:
     st, sp = s.st, s.spec.search
+    st.sigma = sp.sigma  # a changed sigma applies from here; the epoch's update uses the sigma it sampled with
     if sp.mode == "selection-only":
         thetas = [list(st.mu) for _ in range(sp.samples_per_epoch)]
     else:
@@ -341,6 +342,7 @@ def _close_epoch(s: _Step) -> None:
         "updateRewards": update if spec.search.mode == "search" else [],
         "muBefore": old_mu,
         "muAfter": list(st.mu),
+        "sigma": st.sigma,
         "checkpoint": bx.checkpoint,
         "sha256": bx.sha256,
     }

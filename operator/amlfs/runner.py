@@ -39,23 +39,10 @@ from typing import IO, Any
 
 from amlfs import contract, core, effects, storage
 from amlfs.contract import EXIT_CONFIG
-from amlfs.spec import LossSearch, LossSearchSpec, SpecError
+from amlfs.spec import LossSearch, LossSearchSpec, SpecError, immutable_paths
 from amlfs.status import LossSearchStatus
 
 LEGACY_SEARCH = {"commonRandomNumbers": False, "antithetic": False, "reward": "accuracy"}
-IMMUTABLE = (
-    "space",
-    "parameterization",
-    "intervals",
-    "mode",
-    "seed",
-    "sigma",
-    "init",
-    "logitRange",
-    "commonRandomNumbers",
-    "reward",
-    "antithetic",
-)
 STOP_TIMEOUT = 10.0  # seconds a trainer gets to exit after SIGTERM (or an idle worker after end of input)
 Notify = Callable[[str, dict], None]
 
@@ -418,20 +405,16 @@ class LocalRunner:
             raise SpecError(f"{self.status_path}: corrupt status file; move it away to start over") from None
 
     def _check_same_search(self, old: dict) -> None:
+        """Refuse a resume whose spec changed a field the CRD makes immutable (the same markers, spec.py)."""
         new = json.loads(self.spec.model_dump_json(by_alias=True))
         # a field missing from a search begun before it existed counts with the value that reproduces that search
         old = old | {"search": LEGACY_SEARCH | old.get("search", {})}
-        for key in IMMUTABLE:
-            if old.get("search", {}).get(key) != new["search"].get(key):
+        for path in immutable_paths():
+            before, after = _at(old, path), _at(new, path)
+            if before != after:
+                change = "" if isinstance(after, dict) else f" ({before!r} -> {after!r})"
                 raise SpecError(
-                    f"spec.search.{key}: changed since this search began in {self.dir} "
-                    f"({old['search'].get(key)!r} -> {new['search'].get(key)!r}); keep it, or use "
-                    "a new metadata.name or --workdir"
-                )
-        for key in ("task", "model"):
-            if old.get(key) != new[key]:
-                raise SpecError(
-                    f"spec.{key}: changed since this search began in {self.dir}; keep it, or use a "
+                    f"spec.{path}: changed since this search began in {self.dir}{change}; keep it, or use a "
                     "new metadata.name or --workdir"
                 )
 
@@ -613,6 +596,14 @@ class LocalRunner:
         for slot in self.slots:
             slot.join()
         self.procs.clear()
+
+
+def _at(doc: dict, path: str) -> Any:
+    """The value at a dotted path of a JSON document (None where it is missing)."""
+    value: Any = doc
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _gpu_count() -> int:

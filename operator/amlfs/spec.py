@@ -51,10 +51,16 @@ def cel(*rules: tuple[str, str] | dict[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": [r if isinstance(r, dict) else {"rule": r[0], "message": r[1]} for r in rules]}
 
 
+IMMUTABLE_RULE = "self == oldSelf"
+
+
 def immutable(path: str, why: str) -> tuple[str, str]:
-    """A transition rule: the field keeps the value it was created with."""
+    """A transition rule: the field keeps the value it was created with.
+
+    This marker is the only list of immutable fields: the CRD carries it as a CEL transition rule and
+    `immutable_paths` reads it back for the local runner's check of a resumed search."""
     return (
-        "self == oldSelf",
+        IMMUTABLE_RULE,
         f"{path} is immutable once the LossSearch is created ({why}); "
         "delete and re-create the LossSearch (or create a new one) to change it",
     )
@@ -196,7 +202,9 @@ class OptimizerSpec(Model):
     nesterov: bool = Field(False, description="Nesterov momentum (sgd only).")
     weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay (adamw: decoupled).")
     schedule: Literal["cosine", "step", "constant"] = Field(
-        "cosine", description="Per-iteration schedule over all search epochs."
+        "cosine",
+        description="Per-iteration schedule over the search's epochs as it began (search.epochs at epoch 0); "
+        "epochs added later train at its final LR.",
     )
     warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length, in epochs.")
     milestones: list[float] = Field(
@@ -290,8 +298,10 @@ class SearchSpec(Model):
         10,
         ge=1,
         le=100000,
-        description="Search epochs; each trains every sample one epoch. "
-        "May be raised on a running search to extend it.",
+        description="Search epochs; each trains every sample one epoch. May be raised on a running or finished "
+        "search to extend it. The LR schedule keeps the span the search began with (stored in its checkpoints), "
+        "so added epochs train at the schedule's final LR (constant: optimizer.lr; step: lr x gamma per "
+        "milestone; cosine: 0, which leaves the network as it is): set epochs when creating a cosine search.",
         json_schema_extra=cel(("self >= 1", "spec.search.epochs must be at least 1; set epochs: 1 or more")),
     )
     samples_per_epoch: int = Field(
@@ -310,7 +320,8 @@ class SearchSpec(Model):
         0.2,
         gt=0.0,
         le=10.0,
-        description="Fixed std of the sampling distribution.",
+        description="Std of the sampling distribution. May be changed on a running search: an epoch samples "
+        "and updates mu with the sigma it was planned with, the next epoch uses the new one.",
         json_schema_extra=cel(
             (
                 "self > 0.0",
@@ -597,6 +608,29 @@ class LossSearch(Model):
         if not NAME.match(self.metadata.name):
             raise ValueError(f"metadata.name {self.metadata.name!r} must be lowercase letters, digits and '-'")
         return self
+
+
+# --- which fields are immutable, read from the markers above ------------------------------------------
+
+
+def _marked_immutable(extra: Any) -> bool:
+    rules = extra.get("x-kubernetes-validations", []) if isinstance(extra, dict) else []
+    return any(isinstance(r, dict) and r.get("rule") == IMMUTABLE_RULE for r in rules)
+
+
+def immutable_paths(model: type[BaseModel] = LossSearchSpec, prefix: str = "") -> list[str]:
+    """Dotted camelCase paths below `spec` of every field marked `immutable(...)` (on the field or on its
+    model), in field order. A marked field is frozen as a whole, so nothing below it is listed."""
+    out: list[str] = []
+    for name, f in model.model_fields.items():
+        path = f"{prefix}{f.alias or name}"
+        sub = f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
+        on_model = sub is not None and _marked_immutable(sub.model_config.get("json_schema_extra"))
+        if on_model or _marked_immutable(f.json_schema_extra):
+            out.append(path)
+        elif sub is not None:
+            out.extend(immutable_paths(sub, f"{path}."))
+    return out
 
 
 # --- loading with one-line errors -------------------------------------------------------------

@@ -3,7 +3,10 @@
 Writes are atomic: local files go to a temporary name and are renamed into place; S3 objects only appear
 once the (multipart) upload completes. Credentials for S3 come from the standard AWS environment variables;
 `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` (or the `endpoint` argument) select an S3-compatible server.
-boto3 is imported lazily so that the search core never needs it.
+AWS gets boto3's defaults (virtual-hosted addressing, checksums on every request that supports them); other
+endpoints get path-style addressing and checksums only where S3 requires them, which older S3-compatible servers
+understand. `AMLFS_S3_ADDRESSING` (auto, virtual, path) and `AMLFS_S3_CHECKSUMS` (when_supported, when_required)
+override either choice. boto3 is imported lazily so that the search core never needs it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from amlfs.contract import ConfigError
+
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 
 
@@ -28,6 +33,11 @@ class StorageError(Exception):
 
 class NotFound(StorageError):
     """The object does not exist."""
+
+
+class Rejected(StorageError):
+    """The request was refused for a reason a retry does not change: access denied, no such bucket, a bad
+    request, no credentials."""
 
 
 @dataclass(frozen=True)
@@ -65,11 +75,43 @@ def normalize(uri: str) -> str:
 
 # --- S3 client -----------------------------------------------------------------------------------
 
-_clients: dict[tuple[str, str], Any] = {}
+_clients: dict[tuple[str, ...], Any] = {}
+ADDRESSING = ("auto", "virtual", "path")
+CHECKSUMS = ("when_supported", "when_required")
+_RETRYABLE_4XX = (408, 429)  # request timeout, too many requests
+_RETRYABLE_CODES = ("RequestTimeout", "SlowDown", "Throttling", "ThrottlingException")
 
 
 def _endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+
+
+def is_aws(endpoint: str) -> bool:
+    """No endpoint (boto3 resolves AWS's) or an AWS host name."""
+    if not endpoint:
+        return True
+    host = urlparse(endpoint).hostname or ""
+    return any(host == d or host.endswith(f".{d}") for d in ("amazonaws.com", "amazonaws.com.cn"))
+
+
+def _choice(variable: str, allowed: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(variable, "").strip().lower()
+    if not value:
+        return default
+    if value not in allowed:
+        raise ConfigError(f"{variable}: {value!r} is not one of {', '.join(allowed)}; set one of them or unset it")
+    return value
+
+
+def client_settings(endpoint: str) -> tuple[str, str]:
+    """(addressing style, checksum mode) for an endpoint. AWS: virtual-hosted style (boto3's `auto` without an
+    endpoint; an explicit AWS endpoint needs `virtual`, as `auto` means path style there) and boto3's checksums. An
+    S3-compatible server: path style (it may not serve bucket subdomains) and checksums only where required
+    (servers older than S3's default integrity checks reject the new checksum headers)."""
+    aws = is_aws(endpoint)
+    addressing = _choice("AMLFS_S3_ADDRESSING", ADDRESSING, ("virtual" if endpoint else "auto") if aws else "path")
+    checksums = _choice("AMLFS_S3_CHECKSUMS", CHECKSUMS, "when_supported" if aws else "when_required")
+    return addressing, checksums
 
 
 def s3_client(endpoint: str | None = None) -> Any:
@@ -78,11 +120,14 @@ def s3_client(endpoint: str | None = None) -> Any:
 
     ep = endpoint if endpoint is not None else _endpoint()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    key = (ep, region)
+    addressing, checksums = client_settings(ep)
+    key = (ep, region, addressing, checksums)
     if key not in _clients:
         cfg = Config(
             retries={"max_attempts": 5, "mode": "standard"},
-            s3={"addressing_style": "path"},
+            s3={"addressing_style": addressing},
+            request_checksum_calculation=checksums,
+            response_checksum_validation=checksums,
             connect_timeout=10,
             read_timeout=120,
             max_pool_connections=64,  # the operator's passes share one client from many threads
@@ -91,17 +136,35 @@ def s3_client(endpoint: str | None = None) -> Any:
     return _clients[key]
 
 
+def _client_error(exc: Any) -> StorageError:
+    """NotFound for a missing object, Rejected for another refusal a retry cannot fix, else a StorageError
+    (server errors, throttling: transient)."""
+    code = exc.response.get("Error", {}).get("Code", "")
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if code in ("404", "NoSuchKey", "NotFound"):
+        return NotFound(str(exc))
+    if 400 <= status < 500 and status not in _RETRYABLE_4XX and code not in _RETRYABLE_CODES:
+        return Rejected(f"S3 error {code}: {exc}")
+    return StorageError(f"S3 error {code}: {exc}")
+
+
 def _s3_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    from botocore.exceptions import BotoCoreError, ClientError
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        NoCredentialsError,
+        ParamValidationError,
+        PartialCredentialsError,
+    )
 
     try:
         return fn(*args, **kwargs)
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("404", "NoSuchKey", "NotFound"):
-            raise NotFound(str(exc)) from None
-        raise StorageError(f"S3 error {code}: {exc}") from None
-    except BotoCoreError as exc:
+        raise _client_error(exc) from None
+    except (NoCredentialsError, PartialCredentialsError, ParamValidationError) as exc:
+        raise Rejected(f"S3 error: {exc}") from None
+    except (BotoCoreError, Boto3Error) as exc:  # connection refused or reset, timeouts, retries exhausted
         raise StorageError(f"S3 error: {exc}") from None
 
 
@@ -210,10 +273,14 @@ def list_prefix(uri: str) -> list[str]:
 def download_prefix(uri: str, dest: Path, workers: int = 8) -> Path:
     """Copy every object under a prefix into dest, keeping relative paths, `workers` objects at a time (a
     dataset of many small objects is bound by round trips, not bandwidth). Files already there with the same
-    size are kept (a dataset cache shared by the samples of a node); each file appears atomically."""
+    size are kept (a dataset cache shared by the samples of a node); each file appears atomically. An empty or
+    missing prefix is NotFound."""
     base = parse(uri).key.rstrip("/")
+    objects = list_sizes(uri)
+    if not objects:
+        raise NotFound(f"{uri}: no objects below this prefix")
     todo = []
-    for obj, size in list_sizes(uri):
+    for obj, size in objects:
         target = dest / parse(obj).key[len(base) :].lstrip("/")
         if not (target.exists() and target.stat().st_size == size):
             todo.append((obj, target))

@@ -15,7 +15,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from amlfs import crd
-from amlfs.spec import LossSearchSpec, SpecError, parse_manifest
+from amlfs.spec import LossSearchSpec, SpecError, immutable_paths, parse_manifest
 from amlfs.status import Best, Condition, LossSearchStatus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -271,7 +271,12 @@ def test_transition_rules_freeze_the_search_space(cluster, namespace, losssearch
         ({"search": {"init": {"margin": 0.5}}}, "spec.search.init is immutable"),
         ({"task": {"dataset": "mnist1d"}}, "spec.task is immutable"),
         ({"model": {"width": 64}}, "spec.model is immutable"),
+        ({"search": {"reward": "neg-val-loss"}}, "spec.search.reward is immutable"),
+        ({"search": {"antithetic": False}}, "spec.search.antithetic is immutable"),
+        ({"search": {"commonRandomNumbers": False}}, "spec.search.commonRandomNumbers is immutable"),
     ]
+    # every field the runner refuses on resume is one of these (both read the markers in spec.py)
+    assert {f"spec.{p}" for p in immutable_paths()} == {m.split(" is immutable")[0] for _, m in frozen}
     for change, message in frozen:
         r = patch(cluster, namespace, "live", {"spec": change})
         assert r.returncode != 0, f"allowed: {change}"
@@ -286,6 +291,7 @@ def test_transition_rules_freeze_the_search_space(cluster, namespace, losssearch
         {"suspend": False},
         {"trainer": {"image": "amlfs-trainer:0.2.0"}},
         {"search": {"maxRetries": 5}},
+        {"search": {"sigma": 0.1}},
     ):
         r = patch(cluster, namespace, "live", {"spec": change})
         assert r.returncode == 0, f"{change}: {r.stderr}"

@@ -663,7 +663,11 @@ def test_helm_install_runs_a_search_with_least_privilege_and_the_dashboards_show
         op_log = cluster.kubectl("logs", "-n", release_ns, op_pod).stdout
         assert st.get("phase") == "Succeeded", (st, op_log[-4000:])
         assert st["epoch"] == 2 and len(st["history"]) == 2
-        body = s3_server.client().get_object(Bucket=s3_server.bucket, Key=f"helm/{search_ns}/{name}/history.jsonl")
+        uid = cluster.kubectl_json("get", "losssearch", name, "-n", search_ns)["metadata"]["uid"]
+        assert st["storageRoot"] == f"s3://{s3_server.bucket}/helm/{search_ns}/{name}/{uid}"
+        body = s3_server.client().get_object(
+            Bucket=s3_server.bucket, Key=f"helm/{search_ns}/{name}/{uid}/history.jsonl"
+        )
         hist = [json.loads(line) for line in body["Body"].read().decode().splitlines()]
         assert [h["epoch"] for h in hist] == [0, 1] and all(r is not None for h in hist for r in h["rewards"])
         events = cluster.kubectl_json(

@@ -295,15 +295,21 @@ def _resolve_root(task: TaskSpec, cache: Path | None) -> Path:
     digest = hashlib.sha256(task.data_root.encode()).hexdigest()[:16]
     dest = base / "s3" / digest
     dest.mkdir(parents=True, exist_ok=True)
-    from amlfs.storage import download_prefix
+    from amlfs import storage
 
     try:
-        return Path(download_prefix(task.data_root, dest))
-    except Exception as exc:  # storage errors come in many types (botocore, OSError, ...)
+        return Path(storage.download_prefix(task.data_root, dest))
+    except storage.NotFound as exc:
         raise DataError(
-            f"task.dataRoot: cannot copy {task.data_root} to {dest} ({_one_line(exc)}); check the "
-            "prefix, storage.endpoint and the S3 credentials"
+            f"task.dataRoot: nothing to copy from {task.data_root} ({_one_line(exc)}); check the prefix: the "
+            "dataset's files go below it"
         ) from None
+    except (storage.Rejected, ValueError) as exc:
+        raise DataError(
+            f"task.dataRoot: cannot copy {task.data_root} ({_one_line(exc)}); check the bucket, "
+            "storage.endpoint and the S3 credentials"
+        ) from None
+    # other storage errors (connection refused, timeouts, 5xx) propagate: the trainer exits EXIT_TRANSIENT
 
 
 def _one_line(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from amlfs.spec import OptimizerSpec
 
 MIN_BATCH = 2  # a trailing batch smaller than this is dropped: BatchNorm cannot normalise one example
+SCHEDULE_EPOCHS = "scheduleEpochs"  # checkpoint key: the epochs the LR schedule spans
 
 
 def train_steps(n: int, batch_size: int) -> int:
@@ -59,3 +61,17 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     total = epochs * per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(opt, s, total, per_epoch))
+
+
+def schedule_epochs(checkpoint: dict[str, Any] | None, epochs: int) -> int:
+    """The epochs the LR schedule spans: `epochs` (search.epochs) for a search's first epoch, afterwards the span
+    its checkpoints carry. Raising search.epochs later so never moves the schedule: the added epochs train at its
+    final LR. A checkpoint without the key (written before it existed) spans the epochs of the spec it was
+    written with, so its search continues without a jump either."""
+    if checkpoint is None:
+        return epochs
+    stored = checkpoint.get(SCHEDULE_EPOCHS)
+    if isinstance(stored, int) and stored >= 1:
+        return stored
+    written = (checkpoint.get("spec") or {}).get("search", {}).get("epochs")
+    return written if isinstance(written, int) and written >= 1 else epochs

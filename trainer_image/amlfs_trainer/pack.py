@@ -57,7 +57,7 @@ class Start:
     device: torch.device
     amp: bool  # bf16 autocast in training
     optimizer_spec: OptimizerSpec
-    epochs: int  # of the whole search (the LR schedule spans them)
+    epochs: int  # the LR schedule spans them (the search's epochs when it began: optim.schedule_epochs)
     per_epoch: int  # optimizer steps per epoch
     batch_size: int
     eval_batch_size: int

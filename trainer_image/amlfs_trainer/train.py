@@ -41,7 +41,14 @@ from amlfs_trainer.hardware import bf16_supported, configure, pick_device
 from amlfs_trainer.job import MemberJob, PackJob
 from amlfs_trainer.losses import build_loss
 from amlfs_trainer.models import build_model
-from amlfs_trainer.optim import build_optimizer, build_scheduler, model_params, train_steps
+from amlfs_trainer.optim import (
+    SCHEDULE_EPOCHS,
+    build_optimizer,
+    build_scheduler,
+    model_params,
+    schedule_epochs,
+    train_steps,
+)
 
 __all__ = ["ConfigError", "member_seed", "run_pack", "sample_seed", "seed_everything"]
 
@@ -144,7 +151,8 @@ def run_pack(job: PackJob, started: float | None = None) -> Iterator[dict[str, A
             model = model.to(memory_format=torch.channels_last)
         per_epoch = max(1, train_steps(data.size("train"), spec.task.batch_size))
         optimizer = build_optimizer(spec.optimizer, model_params(model))
-        scheduler = build_scheduler(spec.optimizer, optimizer, spec.search.epochs, per_epoch)
+        horizon = schedule_epochs(ckpt, spec.search.epochs)
+        scheduler = build_scheduler(spec.optimizer, optimizer, horizon, per_epoch)
         criteria = [_criterion(m, spec, data, device) for m in job.members]
         job.timings["model"] = time.perf_counter() - t
 
@@ -162,7 +170,7 @@ def run_pack(job: PackJob, started: float | None = None) -> Iterator[dict[str, A
             device=device,
             amp=amp,
             optimizer_spec=spec.optimizer,
-            epochs=spec.search.epochs,
+            epochs=horizon,
             per_epoch=per_epoch,
             batch_size=spec.task.batch_size,
             eval_batch_size=spec.task.eval_batch_size,
@@ -200,7 +208,7 @@ def run_pack(job: PackJob, started: float | None = None) -> Iterator[dict[str, A
             outcomes = pack.train_sequential(start, members)
         for i, (m, outcome) in enumerate(zip(job.members, outcomes, strict=True)):
             assert outcome.sample == m.sample
-            yield _write(job, m, outcome, work, device, amp, info | {"index": i}, t0)
+            yield _write(job, m, outcome, work, device, amp, info | {"index": i}, t0, horizon)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -225,6 +233,7 @@ def _write(
     amp: bool,
     pack_info: dict[str, Any],
     t0: float,
+    horizon: int,
 ) -> dict[str, Any]:
     """The member's checkpoint.pt, then its result.json (whose presence marks it complete)."""
     timings = dict(job.timings) | outcome.timings
@@ -261,6 +270,7 @@ def _write(
         state = {
             **outcome.state,
             "epoch": job.epoch + 1,
+            SCHEDULE_EPOCHS: horizon,  # the next epochs keep this schedule whatever search.epochs becomes
             "search": job.search,
             "sample": m.sample,
             "theta": m.theta,

@@ -43,6 +43,18 @@ from amlfs.spec import LossSearch, LossSearchSpec, SpecError
 from amlfs.status import LossSearchStatus
 
 LEGACY_SEARCH = {"commonRandomNumbers": False, "antithetic": False, "reward": "accuracy"}
+# fields added to spec.task and spec.model later, with the values a search begun before them ran with
+LEGACY = {
+    "task": {
+        "kind": "classification",
+        "reward": "",
+        "heldOutClasses": 0,
+        "imageSize": [],
+        "randomErasing": 0.5,
+        "pairs": {"file": "", "imagesRoot": ""},
+    },
+    "model": {"bnNeck": False},
+}
 IMMUTABLE = (
     "space",
     "parameterization",
@@ -429,7 +441,7 @@ class LocalRunner:
                     "a new metadata.name or --workdir"
                 )
         for key in ("task", "model"):
-            if old.get(key) != new[key]:
+            if LEGACY[key] | old.get(key, {}) != new[key]:
                 raise SpecError(
                     f"spec.{key}: changed since this search began in {self.dir}; keep it, or use a "
                     "new metadata.name or --workdir"

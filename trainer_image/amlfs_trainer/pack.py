@@ -17,6 +17,9 @@ A member whose loss or parameters become non-finite ends without a reward, alone
 masked out of the summed loss and its slices are reset to finite values (frozen) so that it cannot disturb its
 pack-mates; they go on. Finiteness is checked every `CHECK_EVERY` steps and at the end, as in a solo run.
 
+Retrieval and verification packs always take the sequential path (train.py falls back): the vectorised path's
+evaluation is classification's (accuracy and cross-entropy of the stacked heads).
+
 Evaluation (both paths) runs in inference mode in float32 without autocast or TF32, so that rewards do not depend
 on the device's reduced-precision modes.
 """
@@ -62,6 +65,8 @@ class Start:
     batch_size: int
     eval_batch_size: int
     logit_scale: float  # evaluation: logits = scale * head output (cosine head), 1 otherwise
+    # the task kind's evaluation (model, data, eval batch size, logit scale) -> named metrics; None: classification
+    evaluator: Callable[[nn.Module, TaskData, int, float], dict[str, float]] | None = None
     saved: tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,7 +100,7 @@ class Outcome:
     steps: int
     examples: int
     train_loss: float
-    metrics: dict[str, float]  # valAccuracy, valLoss, testAccuracy, testLoss (empty without a reward)
+    metrics: dict[str, float]  # classification: valAccuracy, valLoss, testAccuracy, testLoss; else the kind's
     state: dict[str, Any] | None
     timings: dict[str, float]  # firstStep (part of train), train, eval
 
@@ -136,7 +141,10 @@ def train_sequential(start: Start, members: list[Member]) -> Generator[Outcome, 
         state = None
         if finite:
             t1 = time.perf_counter()
-            metrics = _metrics(*(evaluate(start, split) for split in ("val", "test")))
+            if start.evaluator is not None:
+                metrics = start.evaluator(start.model, start.data, start.eval_batch_size, start.logit_scale)
+            else:
+                metrics = _metrics(*(evaluate(start, split) for split in ("val", "test")))
             timings["eval"] = time.perf_counter() - t1
             state = {
                 "model": start.model.state_dict(),
@@ -199,14 +207,21 @@ def _report(gauges: MemberGauges | None, wl: float, n: int, steps: int, start: S
 def evaluate(start: Start, split: str) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of the model on a split, in float32. For a cosine head the CE is computed
     on scale * cosine."""
-    model, device = start.model, start.device
+    return evaluate_model(start.model, start.data, split, start.eval_batch_size, start.logit_scale)
+
+
+def evaluate_model(
+    model: nn.Module, data: TaskData, split: str, batch_size: int, logit_scale: float
+) -> tuple[float, float]:
+    """`evaluate` for any model and data."""
+    device = data.device
     model.eval()
     with exact_fp32(device):
         correct = torch.zeros((), device=device, dtype=torch.long)
         loss_sum = torch.zeros((), device=device)
         n = 0
-        for x, y in start.data.eval_batches(split, start.eval_batch_size):
-            out = model(x).float() * start.logit_scale
+        for x, y in data.eval_batches(split, batch_size):
+            out = model(x).float() * logit_scale
             correct += (out.argmax(1) == y).sum()
             loss_sum += F.cross_entropy(out, y, reduction="sum")
             n += y.numel()

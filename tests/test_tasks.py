@@ -206,3 +206,74 @@ def test_open_set_example_end_to_end(tmp_path: Path) -> None:
     best = json.loads((run_dir / "best" / "result.json").read_text())
     assert best["reward"] == best["valMAP"] == status["best"]["reward"]
     assert 0.0 < best["testMAP"] <= 1.0 and best["testQueries"] > 0
+
+
+def test_s3_data_root_pairs_file_and_images_are_copied_to_the_cache(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from amlfs.spec import TaskSpec
+    from amlfs_trainer.tasks import get_task
+
+    src = tmp_path / "bucket"
+    casia(src / "casia", people=12, per_person=4)
+    lfw(src / "lfw")
+    (src / "pairs.txt").write_text(pairs_text(folds=10))
+    calls: list[tuple[str, Path]] = []
+    real_prefix, real_file = storage.download_prefix, storage.download_file
+
+    def local(uri: str) -> str:  # S3 stand-in: the real copy, from a file:// twin of the bucket
+        return f"file://{src}/{uri.removeprefix('s3://bucket/')}"
+
+    def download_prefix(uri: str, dest: Path) -> Path:
+        calls.append((uri, dest))
+        return real_prefix(local(uri), dest)
+
+    def download_file(uri: str, path: Path) -> None:
+        if uri.startswith("s3://"):  # the real download_prefix copies file by file through here too
+            calls.append((uri, path))
+            uri = local(uri)
+        real_file(uri, path)
+
+    monkeypatch.setattr(storage, "download_prefix", download_prefix)
+    monkeypatch.setattr(storage, "download_file", download_file)
+    task = TaskSpec.model_validate(
+        {
+            "dataset": "casia-webface",
+            "kind": "verification",
+            "dataRoot": "s3://bucket/casia",
+            "pairs": {"file": "s3://bucket/pairs.txt", "imagesRoot": "s3://bucket/lfw"},
+            "imageSize": [24, 24],
+            "valFraction": 0.25,
+            "numWorkers": 0,
+        }
+    )
+    data = get_task("verification").load(task, torch.device("cpu"), tmp_path / "cache")
+    assert sorted(uri for uri, _ in calls) == ["s3://bucket/casia", "s3://bucket/lfw", "s3://bucket/pairs.txt"]
+    assert all(dest.is_relative_to(tmp_path / "cache") for _, dest in calls)
+    assert data.size("train") == 9 * 4 and data.num_classes == 9
+    assert len(data.pairs["test-pairs"].a) == 40  # type: ignore[attr-defined]
+    assert data.size("val-pairs") == 3 * 4  # the held-out identities' images
+
+
+def test_bn_neck_is_absent_unless_asked_and_classification_evaluates_as_the_pack() -> None:
+    import torch
+
+    from amlfs.spec import ModelSpec, TaskSpec
+    from amlfs_trainer import pack
+    from amlfs_trainer.models import build_model
+    from amlfs_trainer.tasks import get_task
+
+    plain = build_model(ModelSpec(name="mlp", width=8), 10, (1, 8, 8))
+    assert not any(k.startswith("neck.") for k in plain.state_dict())
+    necked = build_model(ModelSpec(name="mlp", width=8, bn_neck=True), 10, (1, 8, 8))
+    assert {"neck.weight", "neck.bias", "neck.running_mean"} <= set(necked.state_dict())
+    necked.eval()
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(necked.embed(x), necked.neck(necked.features(x)))
+
+    task = get_task("classification")
+    data = task.load(TaskSpec(dataset="digits"), torch.device("cpu"), None)
+    metrics = task.evaluate(plain, data, 256, 1.0)
+    assert (metrics["valAccuracy"], metrics["valLoss"]) == pack.evaluate_model(plain, data, "val", 256, 1.0)
+    assert (metrics["testAccuracy"], metrics["testLoss"]) == pack.evaluate_model(plain, data, "test", 256, 1.0)

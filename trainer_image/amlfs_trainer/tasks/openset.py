@@ -6,6 +6,8 @@ same splits. Shared by the open-set tasks on in-memory datasets and by the reade
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor
 
@@ -23,12 +25,13 @@ def _gen(kind: str, seed: int) -> torch.Generator:
 
 
 def hash_seed(kind: str, seed: int) -> int:
-    import hashlib
-
+    """A seed for one purpose (`kind`) derived from a spec seed, so the purposes draw independent streams."""
     return int.from_bytes(hashlib.sha256(f"amlfs-{kind}:{seed}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def carve_identities(ids: list[int], val_fraction: float, seed: int, min_val: int, what: str) -> tuple[list, list]:
+def carve_identities(
+    ids: list[int], val_fraction: float, seed: int, min_val: int, what: str
+) -> tuple[list[int], list[int]]:
     """(training identities, validation identities), both sorted: round(n * valFraction) of them (at least
     `min_val`) held out for the reward, at least 2 left to train on."""
     ids = sorted(ids)

@@ -344,6 +344,7 @@ def test_status_is_a_subresource(cluster, namespace, losssearch_crd):
         mu=[0.0, 0.1],
         sigma=0.2,
         best=Best(epoch=1, sample=3, reward=0.8125, checkpoint="s3://b/x/checkpoint.pt"),
+        reward_metric="mAP",
         conditions=[
             Condition(
                 type="Progressing",
@@ -382,8 +383,8 @@ def test_status_is_a_subresource(cluster, namespace, losssearch_crd):
 
     # the printer columns
     table = cluster.kubectl("get", "lfs", "st", "-n", namespace).stdout.split("\n")
-    assert table[0].split() == ["NAME", "PHASE", "EPOCH", "EPOCHS", "BEST", "AGE"]
-    assert table[1].split()[:5] == ["st", "Running", "3", "9", "0.8125"]
+    assert table[0].split() == ["NAME", "PHASE", "EPOCH", "EPOCHS", "BEST", "METRIC", "AGE"]
+    assert table[1].split()[:6] == ["st", "Running", "3", "9", "0.8125", "mAP"]
 
 
 def test_checked_in_manifest_is_what_the_test_applies():

@@ -14,7 +14,7 @@ from amlfs.controller.reconcile import Reconciler, Settings
 from amlfs.controller.rewards import PushedResult, PushgatewayReader, parse
 
 EXPOSITION = """\
-# HELP amlfs_sample_reward Validation accuracy of the sample (its reward).
+# HELP amlfs_sample_reward The sample's reward (its validation metric: result.json rewardMetric).
 # TYPE amlfs_sample_reward gauge
 amlfs_sample_reward{epoch="0",instance="",job="amlfs-trainer",namespace="ns",sample="0",search="a"} 0.75
 amlfs_sample_reward{epoch="0",instance="",job="amlfs-trainer",namespace="ns",sample="1",search="a"} 0.5

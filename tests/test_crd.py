@@ -170,6 +170,7 @@ def test_names_scope_columns_and_subresource():
         "Epoch": ("integer", ".status.epoch"),
         "Epochs": ("integer", ".spec.search.epochs"),
         "Best": ("number", ".status.best.reward"),
+        "Metric": ("string", ".status.rewardMetric"),
         "Age": ("date", ".metadata.creationTimestamp"),
     }
 

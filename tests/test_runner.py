@@ -132,8 +132,16 @@ def test_resume_of_a_search_begun_before_new_fields_existed(tmp_path):
     old = json.loads(runner.spec.model_dump_json(by_alias=True))
     for key in ("commonRandomNumbers", "antithetic", "reward"):
         del old["search"][key]  # a spec.json from before the fields: it ran without them
+    for key in ("kind", "reward", "heldOutClasses", "imageSize", "randomErasing", "pairs"):
+        del old["task"][key]
+    del old["model"]["bnNeck"]
     runner.spec_path.write_text(json.dumps(old))
     assert runner.load() is None
+    # a task kind other than the one the search began with is refused
+    changed = json.loads(json.dumps(doc))
+    changed["spec"]["task"] |= {"kind": "retrieval", "heldOutClasses": 4}
+    with pytest.raises(SpecError, match=r"spec.task: changed since this search began"):
+        LocalRunner(parse_manifest(changed), tmp_path).load()
     # the new defaults would change how the old search samples: refused, naming the field
     runner = LocalRunner(parse_manifest(MANIFEST), tmp_path)
     with pytest.raises(SpecError, match=r"^spec.search.(antithetic|commonRandomNumbers): changed"):

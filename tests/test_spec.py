@@ -93,6 +93,58 @@ BAD = [
     ),
     ({"spec.search.init.q": 0}, "spec.search.init.q", "> 0"),
     ({"spec.search.init.classBalance": 1.0}, "spec.search.init.classBalance", "< 1"),
+    (
+        {"spec.task.kind": "verification", "spec.task.dataset": "casia-webface"},
+        "spec.task",
+        "pairs.file and pairs.imagesRoot are needed for verification on casia-webface",
+    ),
+    (
+        {"spec.task.kind": "retrieval", "spec.task.heldOutClasses": 4, "spec.task.reward": "accuracy"},
+        "spec.task",
+        "reward accuracy is not a metric of a retrieval task; use mAP or rank1",
+    ),
+    (
+        {"spec.task.kind": "verification", "spec.task.heldOutClasses": 4, "spec.task.reward": "mAP"},
+        "spec.task",
+        "reward mAP is not a metric of a verification task; use accuracy",
+    ),
+    ({"spec.task.reward": "rank1"}, "spec.task", "not a metric of a classification task"),
+    (
+        {"spec.task.kind": "retrieval", "spec.task.dataset": "imagefolder"},
+        "spec.task",
+        "dataset imagefolder has no retrieval layout; use one of",
+    ),
+    ({"spec.task.dataset": "market1501"}, "spec.task", "dataset market1501 has no classification layout"),
+    (
+        {"spec.task.kind": "verification", "spec.task.dataset": "market1501"},
+        "spec.task",
+        "has no verification layout",
+    ),
+    ({"spec.task.kind": "retrieval"}, "spec.task", "heldOutClasses must be at least 2 for retrieval on digits"),
+    ({"spec.task.heldOutClasses": 3}, "spec.task", "heldOutClasses applies to open-set retrieval or verification"),
+    (
+        {"spec.task.kind": "retrieval", "spec.task.dataset": "market1501", "spec.task.heldOutClasses": 3},
+        "spec.task",
+        "heldOutClasses applies to open-set",
+    ),
+    (
+        {"spec.task.kind": "retrieval", "spec.task.heldOutClasses": 4, "spec.search.reward": "accuracy+loss"},
+        "spec",
+        "search.reward accuracy+loss applies to classification only",
+    ),
+    (
+        {"spec.task.kind": "verification", "spec.task.heldOutClasses": 4, "spec.task.pairs.file": "/p.txt"},
+        "spec.task",
+        "pairs applies to verification on casia-webface only",
+    ),
+    (
+        {"spec.task.kind": "retrieval", "spec.task.heldOutClasses": 4, "spec.task.labelNoise.rate": 0.2},
+        "spec.task",
+        "labelNoise and imbalance apply to classification only",
+    ),
+    ({"spec.task.imageSize": [256]}, "spec.task", "imageSize [256] must be empty or [height, width]"),
+    ({"spec.task.imageSize": [256, 4]}, "spec.task.imageSize[1]", ">= 8"),
+    ({"spec.task.kind": "ranking"}, "spec.task.kind", "use one of"),
     ({"kind": "Pod"}, "kind", "LossSearch"),
     ({"metadata.name": "Bad_Name"}, "metadata.name", "lowercase"),
 ]
@@ -138,3 +190,13 @@ def test_console_script_exit_code(tmp_path):
         f"amlfs: error: {p}: spec.search.samplesPerEpoch: Input should be greater than or equal to 2 (got 1); "
         "use a value >= 2"
     ]
+
+
+def test_reward_metric_names_what_the_reward_is():
+    assert LossSearchSpec().reward_metric == "accuracy"
+    assert LossSearchSpec.model_validate({"search": {"reward": "neg-val-loss"}}).reward_metric == "neg-val-loss"
+    retrieval = {"kind": "retrieval", "heldOutClasses": 4}
+    assert LossSearchSpec.model_validate({"task": retrieval}).reward_metric == "mAP"
+    assert LossSearchSpec.model_validate({"task": retrieval | {"reward": "rank1"}}).reward_metric == "rank1"
+    faces = {"kind": "verification", "dataset": "casia-webface", "pairs": {"file": "/p", "imagesRoot": "/lfw"}}
+    assert LossSearchSpec.model_validate({"task": faces}).reward_metric == "accuracy"

@@ -167,6 +167,7 @@ def initial_status(spec: LossSearchSpec) -> LossSearchStatus:
         epoch=0,
         mu=mu,
         sigma=spec.search.sigma,
+        reward_metric=spec.reward_metric,
         adam=AdamState(step=0, m=[0.0] * len(mu), v=[0.0] * len(mu)),
     )
 
@@ -176,6 +177,7 @@ def step(
 ) -> tuple[LossSearchStatus, list[Action]]:
     """Decide the next status and actions. Pure: same inputs, same outputs."""
     st = initial_status(spec) if status is None or not status.mu else status.model_copy(deep=True)
+    st.reward_metric = spec.reward_metric  # statuses written before the field existed lack it
     s = _Step(spec, st, Layout(root))
     if st.phase == "Failed" and not _reopen(s):
         return st, []
@@ -337,6 +339,7 @@ def _close_epoch(s: _Step) -> None:
     )
     st.history = [*st.history, record][-HISTORY_LIMIT:]
     full = record.model_dump(mode="json", by_alias=True) | {
+        "rewardMetric": spec.reward_metric,
         "thetas": [x.theta for x in st.samples],
         "states": [x.state for x in st.samples],
         "updateRewards": update if spec.search.mode == "search" else [],

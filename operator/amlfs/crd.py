@@ -304,6 +304,12 @@ def build_crd() -> dict[str, Any]:
                             "jsonPath": ".status.best.reward",
                             "description": "Best validation reward so far.",
                         },
+                        {
+                            "name": "Metric",
+                            "type": "string",
+                            "jsonPath": ".status.rewardMetric",
+                            "description": "What the reward is (e.g. accuracy, mAP).",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {"openAPIV3Schema": schema},

@@ -15,7 +15,10 @@ from amlfs.status import LossSearchStatus
 
 
 def summary_table(status: LossSearchStatus, history: list[dict[str, Any]], spec: LossSearchSpec) -> Table:
-    t = Table(title=f"amlfs search: {status.phase} after {status.epoch} epochs", show_lines=False)
+    t = Table(
+        title=f"amlfs search: {status.phase} after {status.epoch} epochs (reward: validation {spec.reward_metric})",
+        show_lines=False,
+    )
     for col in ("epoch", "best sample", "best reward", "mean reward", "rewards", "|Δμ|"):
         t.add_column(col, justify="right" if col != "rewards" else "left")
     for r in history:
@@ -50,7 +53,7 @@ def print_summary(
         console.print(mu_table(status, spec))
     if status.best is not None:
         console.print(
-            f"best reward {status.best.reward:.4f} (epoch {status.best.epoch}, sample "
+            f"best reward ({spec.reward_metric}) {status.best.reward:.4f} (epoch {status.best.epoch}, sample "
             f"{status.best.sample}) → {status.best.checkpoint}"
         )
 
@@ -77,7 +80,7 @@ def write_png(path: Path, status: LossSearchStatus, history: list[dict[str, Any]
         )
         ax.legend()
     ax.set_xlabel("epoch")
-    ax.set_ylabel("reward (validation accuracy)")
+    ax.set_ylabel(f"reward (validation {spec.reward_metric})")
     ax.set_title("rewards of all samples")
     cfg = space_config(spec)
     final, ident = program_for(spec, status.mu), program_for(spec, get_space(spec.search.space).identity(cfg))

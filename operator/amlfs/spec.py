@@ -31,7 +31,35 @@ REPRESENTABLE = {
     "bounded": ("softmax", "cosface", "arcface", "gce", "mae"),
 }
 
-Dataset = Literal["digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"]
+Dataset = Literal[
+    "digits",
+    "mnist1d",
+    "cifar10",
+    "cifar100",
+    "mnist",
+    "fashion-mnist",
+    "imagefolder",
+    "market1501",
+    "dukemtmc-reid",
+    "casia-webface",
+]
+TaskKind = Literal["classification", "retrieval", "verification"]
+RewardMetric = Literal["", "accuracy", "mAP", "rank1"]
+
+# What each task kind can be rewarded by (the first is its default) and which datasets have its layout. The
+# in-memory datasets serve retrieval and verification open-set: their last task.heldOutClasses classes are the
+# test identities.
+IN_MEMORY = ("digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist")
+KIND_REWARDS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy",),
+    "retrieval": ("mAP", "rank1"),
+    "verification": ("accuracy",),
+}
+KIND_DATASETS: dict[str, tuple[str, ...]] = {
+    "classification": (*IN_MEMORY, "imagefolder"),
+    "retrieval": (*IN_MEMORY, "market1501", "dukemtmc-reid"),
+    "verification": (*IN_MEMORY, "casia-webface"),
+}
 ModelName = Literal["mlp", "small-cnn", "cnn1d", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50"]
 SpaceName = Literal["amlfs", "search-softmax"]
 PresetName = Literal["softmax", "cosface", "arcface", "focal", "gce", "mae", "sce", "label-smoothing", "poly1"]
@@ -110,8 +138,33 @@ class ImbalanceSpec(Model):
     seed: int = Field(0, ge=0, description="Seed of which examples each class keeps.")
 
 
+class PairsSpec(Model):
+    """The test pairs of a verification task on image files (LFW's pairs.txt format)."""
+
+    file: str = Field(
+        "",
+        description="pairs.txt: a header line (folds and pairs per class per fold, e.g. '10 300'), then per fold "
+        "the matched 'name n1 n2' lines and then the mismatched 'name1 n1 name2 n2' lines. A local path or an "
+        "s3:// URI.",
+    )
+    images_root: str = Field(
+        "",
+        description="Directory or s3:// prefix holding the pairs' images as <name>/<name>_<nnnn>.jpg (LFW layout).",
+    )
+
+
+def _kind_rule(kind: str) -> str:
+    rewards = ["", *KIND_REWARDS[kind]]
+    return f"self.?kind.orValue('classification') != '{kind}' || self.?reward.orValue('') in {rewards}"
+
+
+def _layout_rule(kind: str) -> str:
+    datasets = list(KIND_DATASETS[kind])
+    return f"self.?kind.orValue('classification') != '{kind}' || self.?dataset.orValue('digits') in {datasets}"
+
+
 class TaskSpec(Model):
-    """What to train on."""
+    """What to train on, and what kind of task it is."""
 
     model_config = ConfigDict(
         json_schema_extra=cel(
@@ -129,8 +182,100 @@ class TaskSpec(Model):
                 "become the majority label); lower the rate",
                 "fieldPath": ".labelNoise.rate",
             },
+            *(
+                {
+                    "rule": _kind_rule(kind),
+                    "message": f"spec.task.reward is not a metric of a {kind} task; use "
+                    + " or ".join(KIND_REWARDS[kind])
+                    + " (or leave it empty)",
+                    "fieldPath": ".reward",
+                }
+                for kind in KIND_REWARDS
+            ),
+            *(
+                {
+                    "rule": _layout_rule(kind),
+                    "message": f"spec.task.dataset has no {kind} layout; use one of "
+                    + ", ".join(KIND_DATASETS[kind])
+                    + " with this task.kind",
+                    "fieldPath": ".dataset",
+                }
+                for kind in ("classification", "retrieval", "verification")
+            ),
+            {
+                "rule": "self.?kind.orValue('classification') != 'verification' "
+                "|| self.?dataset.orValue('digits') != 'casia-webface' "
+                "|| (self.?pairs.?file.orValue('') != '' && self.?pairs.?imagesRoot.orValue('') != '')",
+                "message": "spec.task.pairs.file and spec.task.pairs.imagesRoot are needed for verification on "
+                "casia-webface (the test pairs); set them to LFW's pairs.txt and image directory",
+                "fieldPath": ".pairs",
+            },
+            {
+                "rule": "self.?dataset.orValue('digits') == 'casia-webface' "
+                "|| (self.?pairs.?file.orValue('') == '' && self.?pairs.?imagesRoot.orValue('') == '')",
+                "message": "spec.task.pairs applies to verification on casia-webface only (open-set pairs are "
+                "built from the held-out classes); delete spec.task.pairs",
+                "fieldPath": ".pairs",
+            },
+            {
+                "rule": "!(self.?dataset.orValue('digits') in " + str(list(IN_MEMORY)) + ") "
+                "|| self.?kind.orValue('classification') == 'classification' "
+                "|| self.?heldOutClasses.orValue(0) >= 2",
+                "message": "spec.task.heldOutClasses must be at least 2 for retrieval or verification on an in-memory "
+                "dataset (its last classes are the open-set test identities); set e.g. heldOutClasses: 4",
+                "fieldPath": ".heldOutClasses",
+            },
+            {
+                "rule": "self.?heldOutClasses.orValue(0) == 0 || (self.?kind.orValue('classification') != "
+                "'classification' && self.?dataset.orValue('digits') in " + str(list(IN_MEMORY)) + ")",
+                "message": "spec.task.heldOutClasses applies to open-set retrieval or verification on an in-memory "
+                "dataset only; set heldOutClasses: 0",
+                "fieldPath": ".heldOutClasses",
+            },
+            {
+                "rule": "self.?kind.orValue('classification') == 'classification' "
+                "|| (self.?labelNoise.?rate.orValue(0.0) == 0.0 && self.?imbalance.?ratio.orValue(1.0) == 1.0)",
+                "message": "spec.task.labelNoise and spec.task.imbalance apply to classification only; set "
+                "labelNoise.rate: 0 and imbalance.ratio: 1",
+                "fieldPath": ".labelNoise",
+            },
+            {
+                "rule": "size(self.?imageSize.orValue([])) != 1",
+                "message": "spec.task.imageSize must be empty or [height, width]; set e.g. imageSize: [256, 128]",
+                "fieldPath": ".imageSize",
+            },
         )
     )
+
+    kind: TaskKind = Field(
+        "classification",
+        description="classification: the reward is validation accuracy on the training classes. retrieval "
+        "(person re-identification): identity classification in training, query/gallery ranking of the "
+        "embedding before the head in evaluation. verification (faces): identity classification in training, "
+        "10-fold same/different accuracy on image pairs in evaluation.",
+    )
+    reward: RewardMetric = Field(
+        "",
+        description="The validation metric that is the reward: classification accuracy (with search.reward); "
+        "retrieval mAP or rank1; verification accuracy. Empty: the kind's first.",
+    )
+    held_out_classes: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Open-set retrieval/verification on an in-memory dataset: its last heldOutClasses classes "
+        "are the test identities (never trained on); the validation identities are carved from the others.",
+    )
+    image_size: list[Annotated[int, Field(ge=8, le=4096)]] = Field(
+        default_factory=list,
+        max_length=2,
+        description="[height, width] images are resized to (market1501, dukemtmc-reid: default [256, 128]; "
+        "casia-webface: default [112, 112]).",
+    )
+    random_erasing: float = Field(
+        0.5, ge=0.0, le=1.0, description="Retrieval on image files: probability of random erasing when augmenting."
+    )
+    pairs: PairsSpec = Field(default_factory=PairsSpec)
 
     dataset: Dataset = Field(
         "digits", description="Dataset name: digits, mnist1d, cifar10, cifar100, mnist, fashion-mnist or imagefolder."
@@ -167,7 +312,48 @@ class TaskSpec(Model):
                 f"labelNoise.rate {self.label_noise.rate} must be below 0.5 for pairflip noise "
                 "(the flipped class would become the majority label)"
             )
+        self._check_kind()
         return self
+
+    def _check_kind(self) -> None:
+        kind, rewards = self.kind, KIND_REWARDS[self.kind]
+        if self.reward and self.reward not in rewards:
+            raise ValueError(f"reward {self.reward} is not a metric of a {kind} task; use {' or '.join(rewards)}")
+        if self.dataset not in KIND_DATASETS[kind]:
+            raise ValueError(
+                f"dataset {self.dataset} has no {kind} layout; use one of {', '.join(KIND_DATASETS[kind])} "
+                "with this task.kind"
+            )
+        if self.dataset == "casia-webface" and not (self.pairs.file and self.pairs.images_root):
+            raise ValueError(
+                "pairs.file and pairs.imagesRoot are needed for verification on casia-webface (the test pairs); "
+                "set them to LFW's pairs.txt and image directory"
+            )
+        if self.dataset != "casia-webface" and (self.pairs.file or self.pairs.images_root):
+            raise ValueError(
+                "pairs applies to verification on casia-webface only (open-set pairs are built from the held-out "
+                "classes); remove task.pairs"
+            )
+        open_set = kind != "classification" and self.dataset in IN_MEMORY
+        if open_set and self.held_out_classes < 2:
+            raise ValueError(
+                f"heldOutClasses must be at least 2 for {kind} on {self.dataset} (its last classes are the "
+                "open-set test identities); set e.g. heldOutClasses: 4"
+            )
+        if self.held_out_classes and not open_set:
+            raise ValueError(
+                "heldOutClasses applies to open-set retrieval or verification on an in-memory dataset only; "
+                "set heldOutClasses: 0"
+            )
+        if kind != "classification" and (self.label_noise.rate > 0 or self.imbalance.ratio > 1):
+            raise ValueError("labelNoise and imbalance apply to classification only")
+        if len(self.image_size) == 1:
+            raise ValueError(f"imageSize {self.image_size} must be empty or [height, width]; set e.g. [256, 128]")
+
+    @property
+    def reward_metric(self) -> str:
+        """The validation metric that is the reward (classification: accuracy, refined by search.reward)."""
+        return self.reward or KIND_REWARDS[self.kind][0]
 
 
 class ModelSpec(Model):
@@ -183,6 +369,11 @@ class ModelSpec(Model):
         "target cosine and logits are scale * cosine.",
     )
     scale: float = Field(16.0, gt=0.0, le=128.0, description="Cosine-head scale s.")
+    bn_neck: bool = Field(
+        False,
+        description="A BatchNorm1d between the features and the head (Luo et al.'s BNNeck); retrieval and "
+        "verification then evaluate the batch-normalised feature.",
+    )
     width: int = Field(32, ge=4, le=1024, description="Base width of mlp/small-cnn/cnn1d.")
 
 
@@ -527,6 +718,13 @@ class LossSearchSpec(Model):
                 "fieldPath": ".search.init.preset",
             },
             {
+                "rule": "self.?task.?kind.orValue('classification') == 'classification' "
+                "|| self.?search.?reward.orValue('accuracy') == 'accuracy'",
+                "message": "spec.search.reward accuracy+loss and neg-val-loss apply to classification only (retrieval "
+                "and verification are rewarded by spec.task.reward); use search.reward: accuracy",
+                "fieldPath": ".search.reward",
+            },
+            {
                 "rule": "self.?trainer.?samplesPerPod.orValue(1) <= self.?search.?samplesPerEpoch.orValue(4)",
                 "message": "spec.trainer.samplesPerPod must not exceed spec.search.samplesPerEpoch (a pod packs "
                 "samples of one epoch); lower trainer.samplesPerPod",
@@ -555,6 +753,12 @@ class LossSearchSpec(Model):
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     suspend: bool = Field(False, description="Pause between epochs; running samples finish.")
 
+    @property
+    def reward_metric(self) -> str:
+        """The name of the validation metric that is a sample's reward: search.reward for classification,
+        the task's metric (task.reward or its kind's default) otherwise."""
+        return self.search.reward if self.task.kind == "classification" else self.task.reward_metric
+
     @model_validator(mode="after")
     def _check(self) -> LossSearchSpec:
         init = self.search.init
@@ -566,6 +770,11 @@ class LossSearchSpec(Model):
             raise ValueError(
                 "search.init.preset label-smoothing is not a loss of the target probability, so no search space "
                 "can start from it; use it with search.mode: selection-only"
+            )
+        if self.task.kind != "classification" and self.search.reward != "accuracy":
+            raise ValueError(
+                f"search.reward {self.search.reward} applies to classification only (retrieval and verification are "
+                "rewarded by task.reward); use search.reward: accuracy"
             )
         if self.trainer.samples_per_pod > self.search.samples_per_epoch:
             raise ValueError(

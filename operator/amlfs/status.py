@@ -85,6 +85,9 @@ class Condition(Model):
 class LossSearchStatus(Model):
     phase: Phase = "Pending"
     epoch: int = Field(0, description="Index of the epoch being run; equals the number of completed epochs.")
+    reward_metric: str = Field(
+        "", description="The validation metric every reward is (spec.search.reward or spec.task.reward), e.g. mAP."
+    )
     mu: list[float] = Field(default_factory=list)
     sigma: float = 0.0
     adam: AdamState = Field(default_factory=AdamState)

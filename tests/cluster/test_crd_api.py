@@ -239,6 +239,42 @@ INVALID = [
         ["spec.task.labelNoise.rate must be below 0.5 for pairflip noise"],
     ),
     ("val-fraction-1", {"task": {"valFraction": 1.0}}, None, ["spec.task.valFraction", "should be less than 1"]),
+    (
+        "retrieval-reward-accuracy",
+        {"task": {"kind": "retrieval", "heldOutClasses": 4, "reward": "accuracy"}},
+        None,
+        ["spec.task.reward is not a metric of a retrieval task; use mAP or rank1"],
+    ),
+    (
+        "retrieval-on-imagefolder",
+        {"task": {"kind": "retrieval", "dataset": "imagefolder"}},
+        None,
+        ["spec.task.dataset has no retrieval layout; use one of"],
+    ),
+    (
+        "classification-on-market1501",
+        {"task": {"dataset": "market1501"}},
+        None,
+        ["spec.task.dataset has no classification layout"],
+    ),
+    (
+        "verification-without-pairs",
+        {"task": {"kind": "verification", "dataset": "casia-webface"}},
+        None,
+        ["spec.task.pairs.file and spec.task.pairs.imagesRoot are needed for verification on casia-webface"],
+    ),
+    (
+        "open-set-without-held-out-classes",
+        {"task": {"kind": "retrieval"}},
+        None,
+        ["spec.task.heldOutClasses must be at least 2 for retrieval or verification on an in-memory dataset"],
+    ),
+    (
+        "retrieval-search-reward",
+        {"task": {"kind": "retrieval", "heldOutClasses": 4}, "search": {"reward": "neg-val-loss"}},
+        None,
+        ["spec.search.reward accuracy+loss and neg-val-loss apply to classification only"],
+    ),
     ("seed-negative", {"search": {"seed": -1}}, None, ["spec.search.seed", "should be greater than or equal to 0"]),
     ("epochs-string", {"search": {"epochs": "ten"}}, None, ["spec.search.epochs", "must be of type integer"]),
     ("unknown-field", {"search": {"sampelsPerEpoch": 3}}, None, ['unknown field "spec.search.sampelsPerEpoch"']),
@@ -314,6 +350,7 @@ def test_status_is_a_subresource(cluster, namespace, losssearch_crd):
         mu=[0.0, 0.1],
         sigma=0.2,
         best=Best(epoch=1, sample=3, reward=0.8125, checkpoint="s3://b/x/checkpoint.pt"),
+        reward_metric="mAP",
         conditions=[
             Condition(
                 type="Progressing",
@@ -352,8 +389,8 @@ def test_status_is_a_subresource(cluster, namespace, losssearch_crd):
 
     # the printer columns
     table = cluster.kubectl("get", "lfs", "st", "-n", namespace).stdout.split("\n")
-    assert table[0].split() == ["NAME", "PHASE", "EPOCH", "EPOCHS", "BEST", "AGE"]
-    assert table[1].split()[:5] == ["st", "Running", "3", "9", "0.8125"]
+    assert table[0].split() == ["NAME", "PHASE", "EPOCH", "EPOCHS", "BEST", "METRIC", "AGE"]
+    assert table[1].split()[:6] == ["st", "Running", "3", "9", "0.8125", "mAP"]
 
 
 def test_checked_in_manifest_is_what_the_test_applies():

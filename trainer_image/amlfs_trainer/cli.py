@@ -88,6 +88,8 @@ def run(job: PackJob, started: float, on_result: Callable[[dict[str, Any]], None
                 except OSError as exc:  # the result is in storage anyway; the operator falls back to result.json
                     log.warning("could not push the result to %s: %s", job.pushgateway, exc)
             summary = {k: result.get(k) for k in ("epoch", "sample", "status", "reward", "testAccuracy", "sha256")}
+            # what the reward is, and the retrieval counterparts of testAccuracy
+            summary |= {k: result[k] for k in ("rewardMetric", "testMAP", "testRank1") if k in result}
             print(json.dumps(summary), flush=True)
             summaries.append(summary)
             if on_result is not None:

@@ -68,6 +68,9 @@ _INFO: dict[str, _Info] = {
     "mnist": _Info("MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,), 2, False),
     "fashion-mnist": _Info("Fashion-MNIST", 10, (1, 28, 28), (0.2860,), (0.3530,), 2, False),
     "imagefolder": _Info("ImageFolder", 0, (3, IMAGEFOLDER_SIZE, IMAGEFOLDER_SIZE), IMAGENET_MEAN, IMAGENET_STD),
+    "market1501": _Info("Market-1501", 0, (3, 256, 128), IMAGENET_MEAN, IMAGENET_STD),
+    "dukemtmc-reid": _Info("DukeMTMC-reID", 0, (3, 256, 128), IMAGENET_MEAN, IMAGENET_STD),
+    "casia-webface": _Info("CASIA-WebFace", 0, (3, 112, 112), IMAGENET_MEAN, IMAGENET_STD),
 }
 
 
@@ -151,8 +154,13 @@ class InMemoryTaskData(TaskData):
             self._shift = (-mean / std).view(view)
 
     def size(self, split: str) -> int:
-        _check_split(split)
+        self._check(split)
         return int(self._splits[split].y.shape[0])
+
+    def _check(self, split: str) -> None:
+        """The classification splits, or the named evaluation sets an open-set task was built with."""
+        if split not in self._splits:
+            _check_split(split)
 
     def _prepare(self, x: Tensor) -> Tensor:
         if self._scale is not None and self._shift is not None:
@@ -184,7 +192,7 @@ class InMemoryTaskData(TaskData):
             yield self._prepare(x), data.y[idx]
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        _check_split(split)
+        self._check(split)
         _check_batch_size(batch_size)
         data = self._splits[split]
         for start in range(0, int(data.y.shape[0]), batch_size):
@@ -253,20 +261,29 @@ def load_task(task: TaskSpec, device: torch.device, cache_dir: Path | None = Non
     device = torch.device(device)
     info = _info(task.dataset)
     cache = Path(cache_dir) if cache_dir is not None else None
+    if task.dataset == "imagefolder":
+        return FolderTaskData(task, resolve_root(task, cache), device)
+    arrays = load_arrays(task, cache)
+    arrays = corrupt(arrays, task, info.num_classes)  # task.imbalance, task.labelNoise: train+val only
+    return InMemoryTaskData(_to_splits(*arrays, task, device), info, device, task.augment)
+
+
+def load_arrays(task: TaskSpec, cache: Path | None) -> Arrays:
+    """(x_train, y_train, x_test, y_test) of an in-memory dataset, on the CPU, labels checked."""
+    info = _info(task.dataset)
     if task.dataset == "digits":
         arrays = _load_digits()
     elif task.dataset == "mnist1d":
         arrays = _load_mnist1d(cache)
-    elif task.dataset == "imagefolder":
-        return FolderTaskData(task, _resolve_root(task, cache), device)
     elif task.dataset in ("cifar10", "cifar100"):
-        arrays = _load_cifar(task, _resolve_root(task, cache))
+        arrays = _load_cifar(task, resolve_root(task, cache))
+    elif task.dataset in ("mnist", "fashion-mnist"):
+        arrays = _load_mnist_like(task, resolve_root(task, cache), cache)
     else:
-        arrays = _load_mnist_like(task, _resolve_root(task, cache), cache)
+        raise DataError(f"task.dataset: {info.label} is not an in-memory dataset")
     _check_labels(arrays[1], info, task)
     _check_labels(arrays[3], info, task)
-    arrays = corrupt(arrays, task, info.num_classes)  # task.imbalance, task.labelNoise: train+val only
-    return InMemoryTaskData(_to_splits(*arrays, task, device), info, device, task.augment)
+    return arrays
 
 
 def _check_labels(y: Tensor, info: _Info, task: TaskSpec) -> None:
@@ -281,7 +298,7 @@ def _local_path(root: str) -> Path:
     return Path(root.removeprefix("file://"))
 
 
-def _resolve_root(task: TaskSpec, cache: Path | None) -> Path:
+def resolve_root(task: TaskSpec, cache: Path | None) -> Path:
     """A local directory holding the dataset; an s3:// prefix is first copied into the cache."""
     label = _info(task.dataset).label
     if not task.data_root:

@@ -66,9 +66,9 @@ def push_result(gateway: str, namespace: str, search: str, epoch: int, sample: i
     """Push one member's outcome. The reward gauge is absent when the member produced no reward."""
     r = CollectorRegistry()
     if result.get("reward") is not None:
-        Gauge("amlfs_sample_reward", "Validation accuracy of the sample (its reward).", registry=r).set(
-            result["reward"]
-        )
+        Gauge(
+            "amlfs_sample_reward", "The sample's reward (its validation metric: result.json rewardMetric).", registry=r
+        ).set(result["reward"])
     for name, key, doc in (
         ("amlfs_sample_val_loss", "valLoss", "Validation cross-entropy."),
         ("amlfs_sample_test_accuracy_ratio", "testAccuracy", "Test accuracy (never the reward)."),

@@ -60,18 +60,27 @@ class CosineLinear(nn.Module):
 
 
 class Classifier(nn.Module):
-    """`head(features(x))`; `feature_dim` is the width of the features fed to the head."""
+    """`head(features(x))`; `feature_dim` is the width of the features fed to the head. With `bn_neck` a
+    BatchNorm1d sits between them (absent otherwise, so a model without it has exactly the plain state)."""
 
-    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int, head: str) -> None:
+    def __init__(
+        self, features: nn.Module, feature_dim: int, num_classes: int, head: str, bn_neck: bool = False
+    ) -> None:
         super().__init__()
         self.features = features
         self.feature_dim = feature_dim
+        self.neck: nn.Module | None = nn.BatchNorm1d(feature_dim) if bn_neck else None
         self.head: nn.Module = (
             CosineLinear(feature_dim, num_classes) if head == "cosine" else nn.Linear(feature_dim, num_classes)
         )
 
+    def embed(self, x: Tensor) -> Tensor:
+        """The embedding retrieval and verification compare: the features (after the BN-neck, if any)."""
+        f = self.features(x)
+        return self.neck(f) if self.neck is not None else f
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        return self.head(self.embed(x))
 
 
 def _kaiming(module: nn.Module) -> None:
@@ -273,7 +282,7 @@ def build_model(spec: ModelSpec, num_classes: int, input_shape: tuple[int, ...])
             f"model.name: unknown model {spec.name!r}; use mlp, small-cnn, cnn1d, resnet20, "
             "resnet32, resnet56, resnet18 or resnet50"
         )
-    model = Classifier(features, dim, num_classes, spec.head)
+    model = Classifier(features, dim, num_classes, spec.head, spec.bn_neck)
     if spec.head == "linear" and spec.name in _RESNET_DEPTH:
         assert isinstance(model.head, nn.Linear)
         nn.init.kaiming_normal_(model.head.weight)

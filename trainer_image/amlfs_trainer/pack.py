@@ -17,6 +17,9 @@ A member whose loss or parameters become non-finite ends without a reward, alone
 masked out of the summed loss and its slices are reset to finite values (frozen) so that it cannot disturb its
 pack-mates; they go on. Finiteness is checked every `CHECK_EVERY` steps and at the end, as in a solo run.
 
+Retrieval and verification packs always take the sequential path (train.py falls back): the vectorised path's
+evaluation is classification's (accuracy and cross-entropy of the stacked heads).
+
 Evaluation (both paths) runs in inference mode in float32 without autocast or TF32, so that rewards do not depend
 on the device's reduced-precision modes.
 """
@@ -62,6 +65,8 @@ class Start:
     batch_size: int
     eval_batch_size: int
     logit_scale: float  # evaluation: logits = scale * head output (cosine head), 1 otherwise
+    # the task kind's evaluation (model, data, eval batch size, logit scale) -> named metrics; None: classification
+    evaluator: Callable[[nn.Module, TaskData, int, float], dict[str, float]] | None = None
     saved: tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,7 +100,7 @@ class Outcome:
     steps: int
     examples: int
     train_loss: float
-    metrics: dict[str, float]  # valAccuracy, valLoss, testAccuracy, testLoss (empty without a reward)
+    metrics: dict[str, float]  # classification: valAccuracy, valLoss, testAccuracy, testLoss; else the kind's
     state: dict[str, Any] | None
     timings: dict[str, float]  # firstStep (part of train), train, eval
 
@@ -136,7 +141,10 @@ def train_sequential(start: Start, members: list[Member]) -> Generator[Outcome, 
         state = None
         if finite:
             t1 = time.perf_counter()
-            metrics = _metrics(*(evaluate(start, split) for split in ("val", "test")))
+            if start.evaluator is not None:
+                metrics = start.evaluator(start.model, start.data, start.eval_batch_size, start.logit_scale)
+            else:
+                metrics = classification_metrics(*(evaluate(start, split) for split in ("val", "test")))
             timings["eval"] = time.perf_counter() - t1
             state = {
                 "model": start.model.state_dict(),
@@ -202,15 +210,20 @@ Score = tuple[float, float, float]  # accuracy, mean cross-entropy, balanced acc
 def evaluate(start: Start, split: str) -> Score:
     """(accuracy, mean cross-entropy, balanced accuracy) of the model on a split, in float32. For a cosine head
     the CE is computed on scale * cosine."""
-    model, device = start.model, start.device
+    return evaluate_model(start.model, start.data, split, start.eval_batch_size, start.logit_scale)
+
+
+def evaluate_model(model: nn.Module, data: TaskData, split: str, batch_size: int, logit_scale: float) -> Score:
+    """`evaluate` for any model and data."""
+    device = data.device
     model.eval()
-    c = start.data.num_classes
+    c = data.num_classes
     with exact_fp32(device):
         hits = torch.zeros(c, device=device, dtype=torch.long)
         counts = torch.zeros(c, device=device, dtype=torch.long)
         loss_sum = torch.zeros((), device=device)
-        for x, y in start.data.eval_batches(split, start.eval_batch_size):
-            out = model(x).float() * start.logit_scale
+        for x, y in data.eval_batches(split, batch_size):
+            out = model(x).float() * logit_scale
             hits += torch.bincount(y[out.argmax(1) == y], minlength=c)
             counts += torch.bincount(y, minlength=c)
             loss_sum += F.cross_entropy(out, y, reduction="sum")
@@ -227,7 +240,7 @@ def _score(hits: Tensor, counts: Tensor, loss_sum: Tensor) -> list[Score]:
     return [(h / n, v / n, r) for h, v, r in zip(hits.sum(1).tolist(), loss_sum.tolist(), recall.tolist(), strict=True)]
 
 
-def _metrics(val: Score, test: Score) -> dict[str, float]:
+def classification_metrics(val: Score, test: Score) -> dict[str, float]:
     return {
         "valAccuracy": val[0],
         "valLoss": val[1],
@@ -386,7 +399,7 @@ def train_vectorized(start: Start, members: list[Member]) -> Generator[Outcome, 
             continue
         state = stack.member_state(i)
         mean = total[i] / max(steps, 1)
-        metrics = _metrics(scores["val"][i], scores["test"][i])
+        metrics = classification_metrics(scores["val"][i], scores["test"][i])
         yield Outcome(m.sample, True, steps, seen, mean, metrics, state, dict(timings))
 
 

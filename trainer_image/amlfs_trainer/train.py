@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from amlfs import reinforce, storage
+from amlfs import storage
 from amlfs.contract import CHECKPOINT, RESULT, STATUS_NO_REWARD, STATUS_OK, ConfigError
 from amlfs.spec import LossSearchSpec, SearchSpec
 from amlfs_trainer import pack
 from amlfs_trainer.corruption import class_counts
-from amlfs_trainer.data import TaskData, load_task
+from amlfs_trainer.data import TaskData
 from amlfs_trainer.hardware import bf16_supported, configure, pick_device
 from amlfs_trainer.job import MemberJob, PackJob
 from amlfs_trainer.losses import build_loss
@@ -49,6 +49,7 @@ from amlfs_trainer.optim import (
     schedule_epochs,
     train_steps,
 )
+from amlfs_trainer.tasks import get_task
 
 __all__ = ["ConfigError", "member_seed", "run_pack", "sample_seed", "seed_everything"]
 
@@ -134,6 +135,7 @@ def run_pack(job: PackJob, started: float | None = None) -> Iterator[dict[str, A
     device = pick_device(job.device)
     configure(device, job.cudnn_benchmark)
     amp = bf16_supported(device)
+    task = get_task(spec.task.kind)
     with tempfile.TemporaryDirectory(prefix="amlfs-trainer-") as tmp:
         work = Path(tmp)
         t = time.perf_counter()
@@ -175,6 +177,7 @@ def run_pack(job: PackJob, started: float | None = None) -> Iterator[dict[str, A
             batch_size=spec.task.batch_size,
             eval_batch_size=spec.task.eval_batch_size,
             logit_scale=spec.model.scale if spec.model.head == "cosine" else 1.0,
+            evaluator=None if task.kind == "classification" else task.evaluate,
         )
         del ckpt
         job.timings["setup"] = time.perf_counter() - t_run
@@ -189,6 +192,12 @@ def run_pack(job: PackJob, started: float | None = None) -> Iterator[dict[str, A
         ]
         path = pack.choose_path(job.pack_mode, device, len(members))
         info: dict[str, Any] = {"size": len(members), "mode": path, "samples": job.samples}
+        if path == "vectorized" and task.kind != "classification":
+            path = "sequential"
+            info |= {
+                "mode": path,
+                "fallback": f"{task.kind} packs train sequentially (the vectorised path evaluates classification only)",
+            }
         outcomes: Iterator[pack.Outcome]
         if path == "vectorized":
             vectorized = pack.train_vectorized(start, members)
@@ -208,7 +217,7 @@ def run_pack(job: PackJob, started: float | None = None) -> Iterator[dict[str, A
             outcomes = pack.train_sequential(start, members)
         for i, (m, outcome) in enumerate(zip(job.members, outcomes, strict=True)):
             assert outcome.sample == m.sample
-            yield _write(job, m, outcome, work, device, amp, info | {"index": i}, t0, horizon)
+            yield _write(job, m, outcome, work, device, amp, info | {"index": i}, t0, horizon, task.reward)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -234,6 +243,7 @@ def _write(
     pack_info: dict[str, Any],
     t0: float,
     horizon: int,
+    reward_of: Callable[[LossSearchSpec, dict[str, float]], float],
 ) -> dict[str, Any]:
     """The member's checkpoint.pt, then its result.json (whose presence marks it complete)."""
     timings = dict(job.timings) | outcome.timings
@@ -259,13 +269,8 @@ def _write(
             "message": "the loss or a parameter became non-finite; sample ended without reward",
         }
     else:
-        reward = reinforce.reward_value(
-            job.spec.search.reward,
-            outcome.metrics["valAccuracy"],
-            outcome.metrics["valLoss"],
-            outcome.metrics["valBalancedAccuracy"],
-        )
-        result |= {"status": STATUS_OK, "reward": reward, **outcome.metrics}
+        reward = reward_of(job.spec, outcome.metrics)
+        result |= {"status": STATUS_OK, "reward": reward, "rewardMetric": job.spec.reward_metric, **outcome.metrics}
         t = time.perf_counter()
         state = {
             **outcome.state,
@@ -303,5 +308,5 @@ def _task_data(spec: LossSearchSpec, device: torch.device, cache_dir: Path | Non
     key = (spec.task.model_dump_json(), str(device))
     if key not in _TASKS:
         _TASKS.clear()  # keep at most one dataset resident
-        _TASKS[key] = load_task(spec.task, device, cache_dir)
+        _TASKS[key] = get_task(spec.task.kind).load(spec.task, device, cache_dir)
     return _TASKS[key]

@@ -411,3 +411,29 @@ def test_packs_not_dividing_b_survive_operator_kills_and_a_failed_pack(
     assert search_pods(cluster, namespace, name) == []
     events = cluster.kubectl_json("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
     assert "SampleRetried" in [e["reason"] for e in events["items"]]
+
+
+def test_a_retrieval_search_runs_on_the_cluster_rewarded_by_map(
+    cluster, crd, monitoring, s3_server, namespace, tmp_path
+):
+    """Open-set re-identification on digits (the bundled example's task), two samples packed per pod: the reward
+    is validation mAP, and status, history and result.json say so."""
+    setup_namespace(cluster, namespace, s3_server)
+    doc = manifest(s3_server, name="reid", epochs=2, samplesPerEpoch=4)
+    openset = yaml.safe_load((REPO / "examples" / "digits-openset-quick.yaml").read_text())["spec"]
+    doc["spec"]["task"], doc["spec"]["model"] = openset["task"], openset["model"]
+    doc["spec"]["trainer"]["samplesPerPod"] = 2
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
+    try:
+        apply(cluster, namespace, doc)
+        obj = wait_phase(cluster, namespace, "reid", op=op)
+    finally:
+        op.stop()
+    st = obj["status"]
+    assert st["phase"] == "Succeeded", (st.get("message"), op.log())
+    assert st["rewardMetric"] == "mAP" and st["epoch"] == 2
+    hist = history(s3_server, obj)
+    assert all(len(h["rewards"]) == 4 and all(0 < r <= 1 for r in h["rewards"]) for h in hist)
+    best = json.loads(stored(s3_server, obj, "final/result.json"))
+    assert best["rewardMetric"] == "mAP" and best["reward"] == best["valMAP"]
+    assert 0 < best["testMAP"] <= 1 and 0 < best["testRank1"] <= 1

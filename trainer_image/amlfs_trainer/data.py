@@ -628,21 +628,7 @@ class FolderTaskData(TaskData):
     def _loader(
         self, dataset: _Samples, batch_size: int, order: list[int] | None, generator: torch.Generator | None
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=order,
-            shuffle=False,
-            drop_last=False,
-            num_workers=self._workers,
-            pin_memory=self.device.type == "cuda",
-            generator=generator,
-        )
-        for x, y in loader:
-            x = x.to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(self.device, non_blocking=True)
+        return image_batches(dataset, batch_size, order, generator, self._workers, self.device)
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         _check_batch_size(batch_size)
@@ -658,3 +644,34 @@ class FolderTaskData(TaskData):
         if split == "train":
             dataset = _Samples(dataset.samples, self._eval_tf)
         yield from self._loader(dataset, batch_size, None, None)
+
+
+def image_batches(
+    dataset: Any,
+    batch_size: int,
+    order: list[int] | None,
+    generator: torch.Generator | None,
+    workers: int,
+    device: torch.device,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of a dataset of image files on the device, in `order` (None: as stored), decoded by `workers`
+    DataLoader processes; an image PIL cannot read is a DataError naming it."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order,
+        shuffle=False,
+        drop_last=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+    )
+    try:
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(device, non_blocking=True)
+    except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
+        why = " ".join(str(exc).split())[:200]
+        raise DataError(f"task.dataRoot: unreadable image ({why}); remove or replace it") from None

@@ -28,6 +28,7 @@ from amlfs_trainer.data import (
     _info,
     _Samples,
     _Split,
+    image_batches,
     load_arrays,
 )
 from amlfs_trainer.tasks.base import Gallery, OpenSetData, Pairs
@@ -141,20 +142,7 @@ class ImageListData(TaskData):
     def _loader(
         self, dataset: _Samples, batch_size: int, order: list[int] | None, generator: torch.Generator | None
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=order,
-            shuffle=False,
-            num_workers=self._workers,
-            pin_memory=self.device.type == "cuda",
-            generator=generator,
-        )
-        for x, y in _reporting(loader):
-            x = x.to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(self.device, non_blocking=True)
+        return image_batches(dataset, batch_size, order, generator, self._workers, self.device)
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         dataset = self._sets["train"]
@@ -166,15 +154,6 @@ class ImageListData(TaskData):
         if split == "train":
             dataset = _Samples(dataset.samples, self._eval_tf)
         yield from self._loader(dataset, batch_size, None, None)
-
-
-def _reporting(loader: Any) -> Iterator[Any]:
-    """The loader's batches; an image PIL cannot read is a DataError naming it."""
-    try:
-        yield from loader
-    except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
-        why = " ".join(str(exc).split())[:200]
-        raise DataError(f"task.dataRoot: unreadable image ({why}); remove or replace it") from None
 
 
 def transforms(size: tuple[int, int], augment: bool, crop_erase: bool, erasing: float) -> tuple[Any, Any]:

@@ -24,6 +24,8 @@ Arms:
                   fixed:ls (label smoothing 0.1), fixed:poly1 (epsilon 1), fixed:focal (gamma 2), fixed:cb
                   (class-balanced cross-entropy, beta 0.999)
   one:<preset>    one trajectory of a fixed preset (no selection)
+  retrain:<arm>   one fresh trajectory trained with the final mu of that search arm (same task and seed) as a
+                  fixed loss: does the found loss transfer to a new run? (compare with ce)
   default         the search with the spec's defaults
   bounded         the bounded parameterisation with common random numbers and antithetic samples (the defaults)
   monotone        the previous default: monotone parameterisation, independent data orders, no antithetic pairs
@@ -106,6 +108,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 
 
 def search_overrides(arm: str) -> dict[str, Any]:
+    if arm.startswith("retrain:"):  # the search arm's spec: its parameterisation gives the final mu its meaning
+        return search_overrides(arm.split(":", 1)[1])
     if arm.startswith("one:"):  # one trajectory of a fixed preset (no selection)
         return {"mode": "selection-only", "init": FIXED[arm.split(":", 1)[1]]}
     if arm == "selection-only":
@@ -331,7 +335,13 @@ def main() -> int:
                     t1 = time.perf_counter()
                     with tempfile.TemporaryDirectory(prefix="amlfs-quality-") as tmp:
                         work = Path(tmp)
-                        if arm == "ce" or arm.startswith("one:"):
+                        if arm.startswith("retrain:"):
+                            source = {key(r): r for r in load(out)}.get((task, arm[8:], *rec_key[2:]))
+                            if source is None or "mu" not in source:
+                                print(f"seed {seed} {task:15s} {arm:18s} skipped: run {arm[8:]} first", flush=True)
+                                continue
+                            res = run_single(work, m, args.device, args.threads, theta=source["mu"])
+                        elif arm == "ce" or arm.startswith("one:"):
                             res = run_single(work, m, args.device, args.threads)
                         else:
                             res = run_search(work, m, args.device, args.threads)

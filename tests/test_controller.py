@@ -116,3 +116,21 @@ def test_the_pod_watch_asks_the_server_for_trainer_pods_only():
     searches = kopf.Resource(group="amlfs.io", version="v1alpha1", plural="losssearches", kind="LossSearch")
     assert settings.watching.label_selectors.collect(pods) == ["amlfs.io/search"]
     assert settings.watching.label_selectors.collect(searches) == []
+
+
+def test_the_operator_names_each_searchs_reward_metric_and_forgets_it():
+    from prometheus_client import REGISTRY
+
+    from amlfs import core
+    from amlfs.controller import metrics
+    from amlfs.spec import LossSearchSpec
+
+    spec = LossSearchSpec.model_validate(
+        {"task": {"dataset": "digits", "kind": "retrieval", "heldOutClasses": 4}, "search": {"epochs": 2}}
+    )
+    st, _ = core.step(spec, None, [], "file:///tmp/x")
+    labels = {"namespace": "ns", "search": "reid", "reward_metric": "mAP"}
+    metrics.observe_status("ns", "reid", st, spec)
+    assert REGISTRY.get_sample_value("amlfs_operator_search_info", labels) == 1.0
+    metrics.forget("ns", "reid", spec)
+    assert REGISTRY.get_sample_value("amlfs_operator_search_info", labels) is None

@@ -27,6 +27,11 @@ PODS_FAILED = Counter(
     "amlfs_operator_pods_failed", "Trainer pods that failed, by kind.", ["namespace", "search", "reason"]
 )
 BEST_REWARD = Gauge("amlfs_operator_best_reward", "Best reward so far.", ["namespace", "search"])
+SEARCH_INFO = Gauge(
+    "amlfs_operator_search_info",
+    "1 per search; reward_metric names the validation metric its rewards measure (accuracy, mAP, rank1, ...).",
+    ["namespace", "search", "reward_metric"],
+)
 EPOCH = Gauge("amlfs_operator_epoch", "Current epoch (completed epochs).", ["namespace", "search"])
 MU = Gauge("amlfs_operator_mu", "Mean of the loss distribution, per parameter.", ["namespace", "search", "parameter"])
 SAMPLES = Gauge("amlfs_operator_samples", "Samples of the current epoch by state.", ["namespace", "search", "state"])
@@ -46,6 +51,7 @@ STATES = ("Pending", "Running", "Succeeded", "NoReward", "Failed", "ConfigError"
 
 def observe_status(namespace: str, search: str, st: LossSearchStatus, spec: LossSearchSpec) -> None:
     EPOCH.labels(namespace, search).set(st.epoch)
+    SEARCH_INFO.labels(namespace, search, spec.reward_metric).set(1)
     if st.best is not None:
         BEST_REWARD.labels(namespace, search).set(st.best.reward)
     from amlfs.core import space_config
@@ -78,7 +84,7 @@ def forget(namespace: str, search: str, spec: LossSearchSpec) -> None:
     series += [(MU, (name,)) for name in get_space(spec.search.space).names(cfg)]
     series += [(SAMPLES, (state,)) for state in STATES] + [(PHASE, (phase,)) for phase in PHASES]
     series += [(g, (fn, str(k))) for g in (CURVE, CURVE_X) for fn in ("t", "tau") for k in range(cfg.intervals + 1)]
-    series += [(PODS_FAILED, (reason,)) for reason in FAILURE_REASONS]
+    series += [(PODS_FAILED, (reason,)) for reason in FAILURE_REASONS] + [(SEARCH_INFO, (spec.reward_metric,))]
     for metric, rest in series:
         with contextlib.suppress(KeyError):
             metric.remove(namespace, search, *rest)

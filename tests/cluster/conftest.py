@@ -123,6 +123,18 @@ class Cluster:
             "exec", "-n", namespace, name, "--", "python", "-c", "import os, signal; os.kill(1, signal.SIGINT)"
         )
 
+    def wait_crd(self, name: str, timeout: float = 60) -> None:
+        """Wait for a CRD to be Established. Right after its creation `kubectl wait` can fail at once because the
+        CRD has no status conditions yet ("<nil> is of the type <nil>"): that is retried."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=10s", check=False)
+            if r.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"crd/{name} not Established after {timeout}s: {r.stderr}")
+            time.sleep(0.3)
+
     def wait_gone(self, namespace: str, name: str, kind: str = "pod", timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

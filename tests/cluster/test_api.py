@@ -94,7 +94,7 @@ def widget_crd(cluster):
         },
     }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(crd))
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/widgets.{group}", "--timeout=60s")
+    cluster.wait_crd(f"widgets.{group}")
     # Discovery may lag the Established condition by a moment.
     custom = client.CustomObjectsApi(cluster.api_client)
     deadline = time.monotonic() + 30

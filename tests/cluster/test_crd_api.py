@@ -36,7 +36,7 @@ def losssearch_crd(cluster):
         "-",
         input=crd.render_yaml(),
     )
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd.CRD_NAME}", "--timeout=60s")
+    cluster.wait_crd(crd.CRD_NAME)
     custom = client.CustomObjectsApi(cluster.api_client)
     deadline = time.monotonic() + 30
     while True:  # discovery may lag Established by a moment

@@ -382,7 +382,7 @@ def can_i(cluster, sa: str, verb: str, resource: str, namespace: str | None = No
 def chart_crd(cluster) -> str:
     """The chart's CRD (helm/amlfs/crds/), as `helm install` would create it."""
     cluster.kubectl("apply", "-f", str(CHART / "crds" / "losssearch.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/losssearches.amlfs.io", "--timeout=60s")
+    cluster.wait_crd("losssearches.amlfs.io")
     return "losssearches.amlfs.io"
 
 

@@ -26,7 +26,7 @@ EXAMPLE = REPO / "examples" / "digits-k8s.yaml"
 @pytest.fixture(scope="module")
 def crd(cluster):
     cluster.kubectl("apply", "-f", str(REPO / "crds" / "losssearch.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/losssearches.amlfs.io", "--timeout=60s")
+    cluster.wait_crd("losssearches.amlfs.io")
     return "losssearches.amlfs.io"
 
 

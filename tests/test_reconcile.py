@@ -298,3 +298,35 @@ def test_a_closed_epochs_pushgateway_groups_stay_until_scraped_then_go(tmp_path)
     c.now = T0 + 61.5
     c.reconcile()
     assert sorted(deleted) == [(0, 0), (0, 1)]
+
+
+def test_the_operators_own_s3_calls_go_to_the_searchs_endpoint(tmp_path, monkeypatch):
+    """Promotions, history and result reads use spec.storage.endpoint (where the pods write), with the operator's
+    credentials; without it, the operator's environment. Here the search's endpoint refuses connections."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # the operator's default: also nothing there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setattr(storage, "_clients", {})
+    c = Cluster(
+        tmp_path, spec(tmp_path, epochs=1) | {"storage": {"uri": "s3://bucket/p", "endpoint": "http://127.0.0.1:1"}}
+    )
+    _, st = c.reconcile()
+    assert st["storageRoot"] == "s3://bucket/p/ns/s/uid-2"
+    with storage.using_endpoint("http://127.0.0.1:1"):
+        assert storage.s3_client().meta.endpoint_url == "http://127.0.0.1:1"
+    assert storage.s3_client().meta.endpoint_url == "http://127.0.0.1:9"
+    for i in (0, 1):
+        c.pod(f"s-e0-s{i}", "Succeeded", **failed(0, T0))
+    c.now, c.rec.settings.reward_timeout = T0 + 60, 1.0  # no reward pushed: the results are read from storage
+    asked: list[str] = []
+    monkeypatch.setattr(storage, "read_json", lambda uri: asked.append(storage._endpoint()) or {})
+    c.reconcile()
+    assert asked == ["http://127.0.0.1:1", "http://127.0.0.1:1"]
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: list[str] = []
+    with storage.using_endpoint("http://127.0.0.1:1"):
+        c.rec._each([lambda: seen.append(storage.s3_client().meta.endpoint_url)])  # the pass's fan-out threads
+    assert seen == ["http://127.0.0.1:1"]
+    with ThreadPoolExecutor(1) as pool:  # a plain thread does not inherit it
+        assert pool.submit(lambda: storage.s3_client().meta.endpoint_url).result() == "http://127.0.0.1:9"

@@ -604,7 +604,12 @@ class StorageSpec(Model):
             )
         ),
     )
-    endpoint: str = Field("", description="S3 endpoint URL for S3-compatible servers (empty: AWS).")
+    endpoint: str = Field(
+        "",
+        description="S3 endpoint URL for S3-compatible servers (empty: AWS, or the operator's default). The "
+        "trainer pods and the operator's own calls (promotions, history) both go there; the pods with "
+        "secretName's credentials, the operator with its own.",
+    )
     region: str = Field("", description="S3 region (empty: from the environment).")
     secret_name: str = Field(
         "", description="Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for trainer pods."

@@ -11,11 +11,15 @@ override either choice. boto3 is imported lazily so that the search core never n
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +86,24 @@ _RETRYABLE_4XX = (408, 429)  # request timeout, too many requests
 _RETRYABLE_CODES = ("RequestTimeout", "SlowDown", "Throttling", "ThrottlingException")
 
 
+_clients_lock = threading.Lock()  # boto3's default session is not safe to make clients from several threads at once
+# the endpoint of the S3 calls of the current context (`using_endpoint`); None: the environment's
+_ENDPOINT: contextvars.ContextVar[str | None] = contextvars.ContextVar("amlfs_s3_endpoint", default=None)
+
+
 def _endpoint() -> str:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    return _ENDPOINT.get() or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+
+
+@contextlib.contextmanager
+def using_endpoint(url: str) -> Iterator[None]:
+    """Send the S3 calls made in this context to `url` (empty: the environment's endpoint), with the process's
+    credentials. Threads started for the work inherit it only through `contextvars.copy_context()`."""
+    token = _ENDPOINT.set(url or None)
+    try:
+        yield
+    finally:
+        _ENDPOINT.reset(token)
 
 
 def is_aws(endpoint: str) -> bool:
@@ -115,25 +135,32 @@ def client_settings(endpoint: str) -> tuple[str, str]:
 
 
 def s3_client(endpoint: str | None = None) -> Any:
-    import boto3
-    from botocore.config import Config
-
+    """The S3 client for an endpoint (default: the context's, else the environment's), one per endpoint and
+    settings, shared by all threads."""
     ep = endpoint if endpoint is not None else _endpoint()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     addressing, checksums = client_settings(ep)
     key = (ep, region, addressing, checksums)
-    if key not in _clients:
-        cfg = Config(
-            retries={"max_attempts": 5, "mode": "standard"},
-            s3={"addressing_style": addressing},
-            request_checksum_calculation=checksums,
-            response_checksum_validation=checksums,
-            connect_timeout=10,
-            read_timeout=120,
-            max_pool_connections=64,  # the operator's passes share one client from many threads
-        )
-        _clients[key] = boto3.client("s3", endpoint_url=ep or None, region_name=region, config=cfg)
-    return _clients[key]
+    with _clients_lock:
+        if key not in _clients:
+            _clients[key] = _new_client(ep, region, addressing, checksums)
+        return _clients[key]
+
+
+def _new_client(ep: str, region: str, addressing: str, checksums: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(
+        retries={"max_attempts": 5, "mode": "standard"},
+        s3={"addressing_style": addressing},
+        request_checksum_calculation=checksums,
+        response_checksum_validation=checksums,
+        connect_timeout=10,
+        read_timeout=120,
+        max_pool_connections=64,  # the operator's passes share one client from many threads
+    )
+    return boto3.client("s3", endpoint_url=ep or None, region_name=region, config=cfg)
 
 
 def _client_error(exc: Any) -> StorageError:
@@ -289,7 +316,8 @@ def download_prefix(uri: str, dest: Path, workers: int = 8) -> Path:
             download_file(obj, target)
         return dest
     with ThreadPoolExecutor(max_workers=workers) as pool:  # boto3 clients are thread-safe
-        for future in [pool.submit(download_file, obj, target) for obj, target in todo]:
+        ctx = contextvars.copy_context
+        for future in [pool.submit(ctx().run, download_file, obj, target) for obj, target in todo]:
             future.result()  # the first failure propagates (after the others finish)
     return dest
 

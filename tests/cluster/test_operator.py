@@ -437,3 +437,55 @@ def test_a_retrieval_search_runs_on_the_cluster_rewarded_by_map(
     best = json.loads(stored(s3_server, obj, "final/result.json"))
     assert best["rewardMetric"] == "mAP" and best["reward"] == best["valMAP"]
     assert 0 < best["testMAP"] <= 1 and 0 < best["testRank1"] <= 1
+
+
+def test_a_deleted_and_recreated_search_starts_fresh(cluster, crd, monitoring, s3_server, namespace, tmp_path):
+    setup_namespace(cluster, namespace, s3_server)
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
+    try:
+        first = manifest(s3_server, name="again", epochs=3, samplesPerEpoch=2, seed=3)
+        apply(cluster, namespace, first)
+        deadline = time.monotonic() + 300
+        while (get(cluster, namespace, "again").get("status") or {}).get("epoch", 0) < 1:
+            assert time.monotonic() < deadline, op.log()
+            time.sleep(0.5)
+        old = get(cluster, namespace, "again")
+        cluster.kubectl("delete", "losssearch", "again", "-n", namespace, "--wait=true", "--timeout=60s")
+        second = manifest(s3_server, name="again", epochs=2, samplesPerEpoch=2, seed=7)
+        apply(cluster, namespace, second)  # at once: the first one's pods may not be collected yet
+        new = wait_phase(cluster, namespace, "again", op=op)
+    finally:
+        op.stop()
+    st = new["status"]
+    assert st["phase"] == "Succeeded", (st.get("message"), op.log())
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    assert st["storageRoot"] != old["status"]["storageRoot"]
+    hist = history(s3_server, new)
+    assert [h["epoch"] for h in hist] == [0, 1] and [r["epoch"] for r in st["history"]] == [0, 1]
+    assert [h["rewards"] for h in hist] == [r["rewards"] for r in st["history"]]
+    kept = [json.loads(line) for line in stored(s3_server, old, "history.jsonl").decode().splitlines()]
+    assert kept and kept[0]["thetas"] != hist[0]["thetas"]  # the first search's objects stay where they were
+
+
+def test_a_missing_secret_degrades_at_once_and_fails_after_the_start_timeout(
+    cluster, crd, monitoring, s3_server, namespace, tmp_path
+):
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()  # no Secret in this namespace
+    try:
+        doc = manifest(s3_server, name="nosecret", epochs=1, samplesPerEpoch=2, maxRetries=0)
+        doc["spec"]["trainer"]["startTimeoutSeconds"] = 20
+        apply(cluster, namespace, doc)
+        deadline = time.monotonic() + 60
+        degraded: dict = {}
+        while time.monotonic() < deadline and degraded.get("status") != "True":
+            conds = (get(cluster, namespace, "nosecret").get("status") or {}).get("conditions") or []
+            degraded = next((c for c in conds if c["type"] == "Degraded"), {})
+            time.sleep(0.5)
+        assert degraded.get("reason") == "TrainerNotStarting", (degraded, op.log())
+        assert "CreateContainerConfigError" in degraded["message"] and "amlfs-s3" in degraded["message"]
+        obj = wait_phase(cluster, namespace, "nosecret", timeout=120, op=op)
+    finally:
+        op.stop()
+    st = obj["status"]
+    assert st["phase"] == "Failed" and st["reason"] == "TooFewRewards"
+    assert "not started after 20s: CreateContainerConfigError" in st["message"], st["message"]

@@ -23,6 +23,7 @@ never acts on an epoch that is already closed.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import functools
 import hashlib
@@ -172,7 +173,7 @@ class Reconciler:
 
     def _each(self, fns: Iterable[Callable[[], object]]) -> None:
         """Run the calls concurrently and wait for all of them; the first failure is raised."""
-        futures = [self.fanout.submit(fn) for fn in fns]
+        futures = [self.fanout.submit(contextvars.copy_context().run, fn) for fn in fns]  # the S3 endpoint too
         errors = [f.exception() for f in futures]
         for exc in errors:
             if exc is not None:
@@ -231,6 +232,13 @@ class Reconciler:
         raw = body.get("status") or {}
         old = LossSearchStatus.model_validate(raw) if raw.get("mu") else None
         p = Pass(namespace, name, body, spec, old, seen_at=seen_at)
+        # the operator's own S3 calls for this search (results, promotions, history) go where its pods write:
+        # spec.storage.endpoint when set, with the operator's credentials
+        with storage.using_endpoint(spec.storage.endpoint):
+            return self._pass(p, pods, first)
+
+    def _pass(self, p: Pass, pods: Mapping[str, dict], first: bool) -> PassResult:
+        body, spec, old = p.body, p.spec, p.old
         root = self.root(p)
         if root is None:
             msg = "spec.storage.uri: empty and the operator has no default storage; set spec.storage.uri"
@@ -292,7 +300,8 @@ class Reconciler:
             base = spec.storage.uri or self.settings.default_storage
             root = status.get("storageRoot") or (storage.join(base, namespace, name) if base else "")
             if spec.storage.delete_on_delete and root:
-                n = storage.delete_prefix(root)
+                with storage.using_endpoint(spec.storage.endpoint):
+                    n = storage.delete_prefix(root)
                 log.info("deleted %d objects of %s/%s under %s", n, namespace, name, root)
 
     def root(self, p: Pass) -> str | None:

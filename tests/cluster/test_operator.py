@@ -4,6 +4,7 @@ The operator runs here as a process, with the cluster's admin kubeconfig."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -489,3 +490,46 @@ def test_a_missing_secret_degrades_at_once_and_fails_after_the_start_timeout(
     st = obj["status"]
     assert st["phase"] == "Failed" and st["reason"] == "TooFewRewards"
     assert "not started after 20s: CreateContainerConfigError" in st["message"], st["message"]
+
+
+@contextlib.contextmanager
+def pushgateway_down(cluster, monitoring):
+    """The Pushgateway stopped (its groups lost, as a restart without persistence loses them), then back on its
+    address: the local process, or the in-cluster Deployment scaled to zero."""
+    pgw = monitoring.pushgateway
+    if cluster.kubelet is not None:
+        pgw.stop()  # a workdir of its own's: kept
+    else:
+        cluster.kubectl("scale", "deployment/pushgateway", "-n", "amlfs-e2e", "--replicas=0")
+    try:
+        yield
+    finally:
+        if cluster.kubelet is None:
+            cluster.kubectl("scale", "deployment/pushgateway", "-n", "amlfs-e2e", "--replicas=1")
+        pgw.start()
+
+
+def test_a_pushgateway_outage_mid_search_changes_nothing(
+    cluster, reference, monitoring, s3_server, namespace, tmp_path
+):
+    """60 s without a Pushgateway from the first epoch on: trainers cannot push, the operator takes the rewards
+    from result.json after its timeout, and the search ends as the undisturbed one did; no sample failed."""
+    setup_namespace(cluster, namespace, s3_server)
+    doc = reference["doc"]
+    name = doc["metadata"]["name"]
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
+    try:
+        apply(cluster, namespace, doc)
+        wait_pod_exists(cluster, namespace, f"{name}-e0-s0", ("Running",))
+        with pushgateway_down(cluster, monitoring):
+            time.sleep(60)
+        obj = wait_phase(cluster, namespace, name, op=op)
+    finally:
+        op.stop()
+    assert_same_search(s3_server, obj, reference["obj"])
+    hist = history(s3_server, obj)
+    assert all(s == "Succeeded" for h in hist for s in h["states"])
+    assert all(x.get("attempt", 0) == 0 for x in obj["status"].get("samples") or [])
+    events = cluster.kubectl_json("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+    reasons = [e["reason"] for e in events["items"]]
+    assert "RewardFromStorage" in reasons and "SampleRetried" not in reasons, reasons

@@ -510,7 +510,7 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r"label_values\((.+),\s*\w+\)", r"\1", expr)  # a variable's query: its label argument
     expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
     expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
-    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", expr)  # grouping labels
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # grouping labels
     words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr))
     return {w for w in words if w not in PROMQL_FUNCS}
 

@@ -533,3 +533,48 @@ def test_a_pushgateway_outage_mid_search_changes_nothing(
     events = cluster.kubectl_json("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
     reasons = [e["reason"] for e in events["items"]]
     assert "RewardFromStorage" in reasons and "SampleRetried" not in reasons, reasons
+
+
+@contextlib.contextmanager
+def s3_down(cluster, s3):
+    """S3 unreachable, its data kept: the local server stopped and started again on the same ports, or the
+    in-cluster Service pointed at no pod (connections refused) and back."""
+    if cluster.kubelet is not None:
+        s3.stop()
+    else:
+        nowhere = {"spec": {"selector": {"app.kubernetes.io/name": "nowhere"}}}
+        cluster.kubectl("patch", "service", "seaweedfs", "-n", "amlfs-e2e", "-p", json.dumps(nowhere))
+    try:
+        yield
+    finally:
+        if cluster.kubelet is not None:
+            s3.start()
+        else:
+            back = {"spec": {"selector": {"app.kubernetes.io/name": "seaweedfs"}}}
+            cluster.kubectl("patch", "service", "seaweedfs", "-n", "amlfs-e2e", "-p", json.dumps(back))
+            s3.wait_ready()
+
+
+def test_an_s3_outage_mid_epoch_changes_nothing_and_counts_no_failure(
+    cluster, reference, monitoring, s3_server, namespace, tmp_path
+):
+    """60 s without S3 from the middle of the first epoch: trainers that cannot write exit 3 (transient) and are
+    restarted without counting, the operator's promotions wait; the search ends as the undisturbed one did."""
+    setup_namespace(cluster, namespace, s3_server)
+    doc = reference["doc"]
+    name = doc["metadata"]["name"]
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
+    try:
+        apply(cluster, namespace, doc)
+        wait_pod_exists(cluster, namespace, f"{name}-e0-s0", ("Running",))
+        with s3_down(cluster, s3_server):
+            time.sleep(60)
+        obj = wait_phase(cluster, namespace, name, op=op)
+    finally:
+        op.stop()
+    assert_same_search(s3_server, obj, reference["obj"])
+    hist = history(s3_server, obj)
+    assert all(s == "Succeeded" for h in hist for s in h["states"])
+    events = cluster.kubectl_json("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+    reasons = [e["reason"] for e in events["items"]]
+    assert "SampleRetried" not in reasons, reasons  # restarts after exit 3 are not retries

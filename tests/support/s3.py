@@ -53,6 +53,8 @@ class S3Server:
     pod_endpoint: str = ""
     proc: subprocess.Popen | None = None
     log: Path = field(default_factory=lambda: Path(os.devnull))
+    #: the ports of the first start, kept so that a restart (an outage in a test) answers where it did
+    ports: dict[str, int] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         """Environment for a process (trainer, operator) that talks to this server."""
@@ -76,7 +78,7 @@ class S3Server:
 
     def start(self, timeout: float = 60.0) -> S3Server:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+        ports = self.ports = self.ports or {k: free_port() for k in ("master", "volume", "filer", "s3")}
         cfg = self.workdir / "s3.json"
         cfg.write_text(
             json.dumps(

@@ -160,7 +160,9 @@ def _new_client(ep: str, region: str, addressing: str, checksums: str) -> Any:
         read_timeout=120,
         max_pool_connections=64,  # the operator's passes share one client from many threads
     )
-    return boto3.client("s3", endpoint_url=ep or None, region_name=region, config=cfg)
+    # a session of its own: boto3's default session would keep the credentials it resolved first for the life of
+    # the process, whatever the environment says when a later client is made
+    return boto3.session.Session().client("s3", endpoint_url=ep or None, region_name=region, config=cfg)
 
 
 def _client_error(exc: Any) -> StorageError:

@@ -58,6 +58,11 @@ def apiserver_requests(cluster, **match: str) -> float:
     return total
 
 
+def terminating_namespaces(cluster) -> list[str]:
+    items = cluster.kubectl_json("get", "namespaces")["items"]
+    return [n["metadata"]["name"] for n in items if (n.get("status") or {}).get("phase") == "Terminating"]
+
+
 def delete_all(cluster, namespace: str) -> None:
     """Delete the namespace's searches while the operator still runs (their finalizers would hold the namespace)."""
     cluster.kubectl("delete", "losssearches", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
@@ -109,6 +114,10 @@ def test_pods_come_from_the_index_not_from_a_list_per_pass(cluster, monitoring, 
     def lists(resource: str) -> float:
         return apiserver_requests(cluster, verb="LIST", resource=resource, scope="namespace")
 
+    # and a namespace still being torn down lists its pods until the last one is gone: start after they are
+    deadline = time.monotonic() + 120
+    while terminating_namespaces(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
     before = lists("pods"), lists("configmaps")
     op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
     try:

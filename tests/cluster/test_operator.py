@@ -341,6 +341,12 @@ def test_deleting_a_running_search_removes_its_pods(cluster, crd, monitoring, s3
         op.stop()
 
 
+def delete_searches(cluster, namespace: str) -> None:
+    """Delete the namespace's searches while the operator still runs: its finalizer would otherwise keep them,
+    and the namespace, Terminating (the namespace controller then lists its pods over and over)."""
+    cluster.kubectl("delete", "losssearch", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
+
+
 def packed(reference, k: int) -> dict:
     doc = json.loads(json.dumps(reference["doc"]))
     doc["spec"]["trainer"]["samplesPerPod"] = k
@@ -370,6 +376,7 @@ def test_one_pod_per_epoch_packs_every_sample(cluster, reference, monitoring, s3
         obj = wait_phase(cluster, namespace, name, op=op)
         time.sleep(3)
     finally:
+        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
         watch.stop()
         op.stop()
     assert_same_search(s3_server, obj, reference["obj"])
@@ -402,6 +409,7 @@ def test_packs_not_dividing_b_survive_operator_kills_and_a_failed_pack(
         obj = wait_phase(cluster, namespace, name, op=op)
         time.sleep(3)
     finally:
+        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
         watch.stop()
         op.stop()
     assert kills >= 2, "the search reached its last epoch before the operator was killed enough times"
@@ -429,6 +437,7 @@ def test_a_retrieval_search_runs_on_the_cluster_rewarded_by_map(
         apply(cluster, namespace, doc)
         obj = wait_phase(cluster, namespace, "reid", op=op)
     finally:
+        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
         op.stop()
     st = obj["status"]
     assert st["phase"] == "Succeeded", (st.get("message"), op.log())
@@ -456,6 +465,7 @@ def test_a_deleted_and_recreated_search_starts_fresh(cluster, crd, monitoring, s
         apply(cluster, namespace, second)  # at once: the first one's pods may not be collected yet
         new = wait_phase(cluster, namespace, "again", op=op)
     finally:
+        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
         op.stop()
     st = new["status"]
     assert st["phase"] == "Succeeded", (st.get("message"), op.log())
@@ -486,6 +496,7 @@ def test_a_missing_secret_degrades_at_once_and_fails_after_the_start_timeout(
         assert "CreateContainerConfigError" in degraded["message"] and "amlfs-s3" in degraded["message"]
         obj = wait_phase(cluster, namespace, "nosecret", timeout=120, op=op)
     finally:
+        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
         op.stop()
     st = obj["status"]
     assert st["phase"] == "Failed" and st["reason"] == "TooFewRewards"
@@ -525,6 +536,7 @@ def test_a_pushgateway_outage_mid_search_changes_nothing(
             time.sleep(60)
         obj = wait_phase(cluster, namespace, name, op=op)
     finally:
+        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
         op.stop()
     assert_same_search(s3_server, obj, reference["obj"])
     hist = history(s3_server, obj)
@@ -571,6 +583,7 @@ def test_an_s3_outage_mid_epoch_changes_nothing_and_counts_no_failure(
             time.sleep(60)
         obj = wait_phase(cluster, namespace, name, op=op)
     finally:
+        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
         op.stop()
     assert_same_search(s3_server, obj, reference["obj"])
     hist = history(s3_server, obj)

@@ -520,11 +520,10 @@ def pushgateway_down(cluster, monitoring):
         pgw.start()
 
 
-def test_a_pushgateway_outage_mid_search_changes_nothing(
-    cluster, reference, monitoring, s3_server, namespace, tmp_path
-):
-    """60 s without a Pushgateway from the first epoch on: trainers cannot push, the operator takes the rewards
-    from result.json after its timeout, and the search ends as the undisturbed one did; no sample failed."""
+def run_through_outage(cluster, reference, monitoring, s3_server, namespace, tmp_path, outage) -> tuple[dict, list]:
+    """The reference search, with `outage` (a context manager) held for 60 s once its first pod runs: the
+    finished resource, after checking it ended as the undisturbed one did with every sample Succeeded, and the
+    reasons of its events."""
     setup_namespace(cluster, namespace, s3_server)
     doc = reference["doc"]
     name = doc["metadata"]["name"]
@@ -532,18 +531,26 @@ def test_a_pushgateway_outage_mid_search_changes_nothing(
     try:
         apply(cluster, namespace, doc)
         wait_pod_exists(cluster, namespace, f"{name}-e0-s0", ("Running",))
-        with pushgateway_down(cluster, monitoring):
+        with outage:
             time.sleep(60)
         obj = wait_phase(cluster, namespace, name, op=op)
     finally:
         delete_searches(cluster, namespace)  # while the operator runs: its finalizer
         op.stop()
     assert_same_search(s3_server, obj, reference["obj"])
-    hist = history(s3_server, obj)
-    assert all(s == "Succeeded" for h in hist for s in h["states"])
-    assert all(x.get("attempt", 0) == 0 for x in obj["status"].get("samples") or [])
+    assert all(s == "Succeeded" for h in history(s3_server, obj) for s in h["states"])
     events = cluster.kubectl_json("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
-    reasons = [e["reason"] for e in events["items"]]
+    return obj, [e["reason"] for e in events["items"]]
+
+
+def test_a_pushgateway_outage_mid_search_changes_nothing(
+    cluster, reference, monitoring, s3_server, namespace, tmp_path
+):
+    """60 s without a Pushgateway from the first epoch on: trainers cannot push, the operator takes the rewards
+    from result.json after its timeout, and the search ends as the undisturbed one did; no sample failed."""
+    outage = pushgateway_down(cluster, monitoring)
+    obj, reasons = run_through_outage(cluster, reference, monitoring, s3_server, namespace, tmp_path, outage)
+    assert all(x.get("attempt", 0) == 0 for x in obj["status"].get("samples") or [])
     assert "RewardFromStorage" in reasons and "SampleRetried" not in reasons, reasons
 
 
@@ -572,22 +579,6 @@ def test_an_s3_outage_mid_epoch_changes_nothing_and_counts_no_failure(
 ):
     """60 s without S3 from the middle of the first epoch: trainers that cannot write exit 3 (transient) and are
     restarted without counting, the operator's promotions wait; the search ends as the undisturbed one did."""
-    setup_namespace(cluster, namespace, s3_server)
-    doc = reference["doc"]
-    name = doc["metadata"]["name"]
-    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
-    try:
-        apply(cluster, namespace, doc)
-        wait_pod_exists(cluster, namespace, f"{name}-e0-s0", ("Running",))
-        with s3_down(cluster, s3_server):
-            time.sleep(60)
-        obj = wait_phase(cluster, namespace, name, op=op)
-    finally:
-        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
-        op.stop()
-    assert_same_search(s3_server, obj, reference["obj"])
-    hist = history(s3_server, obj)
-    assert all(s == "Succeeded" for h in hist for s in h["states"])
-    events = cluster.kubectl_json("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
-    reasons = [e["reason"] for e in events["items"]]
+    outage = s3_down(cluster, s3_server)
+    _, reasons = run_through_outage(cluster, reference, monitoring, s3_server, namespace, tmp_path, outage)
     assert "SampleRetried" not in reasons, reasons  # restarts after exit 3 are not retries

@@ -288,9 +288,11 @@ def test_cel_rules_name_the_field_and_the_fix(schema):
         ".spec.search.commonRandomNumbers",
         ".spec.search.reward",
         ".spec.search.antithetic",
+        ".spec.optimizer.name",
     }
-    # the knobs a user raises on a running search stay mutable (sigma applies from the next epoch)
-    for path in (".spec.search.epochs", ".spec.search.sigma", ".spec.suspend", ".spec.optimizer", ".spec.trainer"):
+    # the knobs a user raises on a running search stay mutable (sigma and the optimiser's hyper-parameters
+    # apply from the next epoch)
+    for path in (".spec.search.epochs", ".spec.search.sigma", ".spec.suspend", ".spec.optimizer.lr", ".spec.trainer"):
         assert path not in immutable
     # the runner's resume check reads the same markers
     assert {f".spec.{p}" for p in immutable_paths()} == immutable

@@ -138,6 +138,30 @@ def test_raised_epochs_continue_at_the_final_lr_of_the_original_schedule(tmp_pat
     assert ext[-1]["scheduler"]["last_epoch"] == 4 * steps
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_an_edited_optimizer_applies_from_the_next_epoch(tmp_path, name):
+    """The restored optimizer and scheduler would keep the peak LR, momentum and weight decay they were saved
+    with; an edited spec.optimizer takes effect at the next epoch, at the schedule's current position."""
+    first = SPEC.model_copy(update={"optimizer": SPEC.optimizer.model_copy(update={"name": name})})
+    for d in "abc":
+        (tmp_path / d).mkdir()
+    (ck0,) = train_epochs(tmp_path / "a", first, range(1), None)
+    steps = ck0["scheduler"]["last_epoch"]
+    edited = first.model_copy(
+        update={"optimizer": first.optimizer.model_copy(update={"lr": 0.02, "momentum": 0.5, "weight_decay": 0.0})}
+    )
+    (ck1,) = train_epochs(tmp_path / "b", edited, range(1, 2), ck0["result"])
+    assert ck1["scheduler"]["base_lrs"] == [0.02, 0.02]
+    assert lr(ck1) == pytest.approx(0.02 * lr_factor(edited.optimizer, 2 * steps, 3 * steps, steps))
+    for g in ck1["optimizer"]["param_groups"]:
+        assert g["initial_lr"] == 0.02 and g["weight_decay"] == 0.0
+        assert (g["momentum"] if name == "sgd" else g["betas"][0]) == 0.5
+    # unedited, the next epoch continues exactly as saved
+    (same,) = train_epochs(tmp_path / "c", first, range(1, 2), ck0["result"])
+    assert same["scheduler"]["base_lrs"] == [0.05, 0.05]
+    assert lr(same) == 0.05 * lr_factor(first.optimizer, 2 * steps, 3 * steps, steps)
+
+
 def test_schedule_span_of_a_checkpoint():
     assert schedule_epochs(None, 10) == 10  # the first epoch: search.epochs
     assert schedule_epochs({"scheduleEpochs": 4, "spec": {"search": {"epochs": 6}}}, 10) == 4

@@ -378,9 +378,14 @@ class ModelSpec(Model):
 
 
 class OptimizerSpec(Model):
-    """The network's optimiser and learning-rate schedule (across search epochs)."""
+    """The network's optimiser and learning-rate schedule (across search epochs). An edit of a running search
+    applies from its next epoch, at the schedule's current position; only the optimiser's kind is fixed."""
 
-    name: Literal["sgd", "adamw"] = Field("sgd", description="sgd (with momentum) or adamw.")
+    name: Literal["sgd", "adamw"] = Field(
+        "sgd",
+        description="sgd (with momentum) or adamw.",
+        json_schema_extra=cel(immutable("spec.optimizer.name", "the checkpoints hold this optimiser's state")),
+    )
     lr: float = Field(
         0.1,
         gt=0.0,

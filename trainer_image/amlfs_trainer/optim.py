@@ -36,7 +36,27 @@ def build_optimizer(opt: OptimizerSpec, params: Iterable[tuple[Tensor, int]]) ->
     groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if opt.name == "sgd":
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0)
-    return torch.optim.AdamW(groups, lr=opt.lr)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.momentum, 0.999))
+
+
+def follow_spec(
+    opt: OptimizerSpec, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
+) -> None:
+    """Give a restored optimizer and scheduler the spec's hyper-parameters: load_state_dict brings back the
+    peak LR (the scheduler's base_lrs), momentum and weight decay they were saved with, so an edited
+    spec.optimizer would otherwise never apply. The edit takes effect from the next epoch, at the schedule's
+    current position; an unchanged spec leaves every value as restored (the same products)."""
+    scheduler.base_lrs = [opt.lr] * len(optimizer.param_groups)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # what the scheduler's next step() would compute
+    for g, decay in zip(optimizer.param_groups, (opt.weight_decay, 0.0), strict=True):
+        g["initial_lr"] = opt.lr
+        g["lr"] = opt.lr * factor
+        g["weight_decay"] = decay
+        if opt.name == "sgd":
+            g["momentum"], g["nesterov"] = opt.momentum, opt.nesterov and opt.momentum > 0
+        else:
+            g["betas"] = (opt.momentum, g["betas"][1])
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def model_params(model: nn.Module) -> list[tuple[Tensor, int]]:

@@ -45,6 +45,7 @@ from amlfs_trainer.optim import (
     SCHEDULE_EPOCHS,
     build_optimizer,
     build_scheduler,
+    follow_spec,
     model_params,
     schedule_epochs,
     train_steps,
@@ -163,6 +164,7 @@ def run_pack(job: PackJob, started: float | None = None) -> Iterator[dict[str, A
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            follow_spec(spec.optimizer, optimizer, scheduler)
             job.timings["checkpoint"] += time.perf_counter() - t
         start = pack.Start(
             model=model,

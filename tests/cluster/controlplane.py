@@ -255,6 +255,7 @@ class _Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+    argv: list[str]
 
 
 _LIVE: weakref.WeakSet[ControlPlane] = weakref.WeakSet()
@@ -363,7 +364,7 @@ class ControlPlane:
             _kill_group(p.popen, grace=5)
         procs.clear()
 
-    def _spawn(self, name: str, argv: list[str]) -> _Proc:
+    def _spawn(self, name: str, argv: list[str], at: int | None = None) -> _Proc:
         log = self.logdir / f"{name}.log"
         fh = open(log, "ab")  # noqa: SIM115 - handed to the child, closed below
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG",)}
@@ -379,9 +380,28 @@ class ControlPlane:
             )
         finally:
             fh.close()
-        proc = _Proc(name, popen, log)
-        self._procs.append(proc)
+        proc = _Proc(name, popen, log, argv)
+        if at is None:
+            self._procs.append(proc)
+        else:  # a restart keeps the component's place: stop() goes in reverse start order
+            self._procs[at] = proc
         return proc
+
+    def _index(self, name: str) -> int:
+        return next(i for i, p in enumerate(self._procs) if p.name == name)
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver (SIGTERM, as a rolling restart would); etcd and its data stay."""
+        _kill_group(self._procs[self._index("kube-apiserver")].popen, grace=10)
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver again with the same arguments (same port, certificates and tokens) and wait
+        until it is ready; the controllers, the kubelet and clients reconnect on their own."""
+        i = self._index("kube-apiserver")
+        if self._procs[i].popen.poll() is None:
+            raise ControlPlaneError("kube-apiserver is running; stop_apiserver() first")
+        self._spawn("kube-apiserver", self._procs[i].argv, at=i)
+        self._wait_apiserver_ready()
 
     def _check_alive(self) -> None:
         for p in self._procs:

@@ -34,7 +34,7 @@ def crd(cluster):
 class Operator:
     """The operator as a real process (`amlfs-operator`), restartable and killable."""
 
-    def __init__(self, cluster, namespace: str, monitoring, s3, logdir: Path) -> None:
+    def __init__(self, cluster, namespace: str, monitoring, s3, logdir: Path, group_ttl: float = 3) -> None:
         self.cluster, self.namespace, self.logdir = cluster, namespace, logdir
         self.env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), **s3.env())
         self.args = [
@@ -52,7 +52,7 @@ class Operator:
             "--reward-timeout",
             "20",
             "--group-ttl",
-            "3",  # scraped every second here
+            str(group_ttl),  # 3 s by default: the tests' Prometheus scrapes every second
             "--health-port",
             "0",
         ]
@@ -520,8 +520,10 @@ def pushgateway_down(cluster, monitoring):
         pgw.start()
 
 
-def run_through_outage(cluster, reference, monitoring, s3_server, namespace, tmp_path, outage) -> tuple[dict, list]:
-    """The reference search, with `outage` (a context manager) held for 60 s once its first pod runs: the
+def run_through_outage(
+    cluster, reference, monitoring, s3_server, namespace, tmp_path, outage, seconds: float = 60
+) -> tuple[dict, list]:
+    """The reference search, with `outage` (a context manager) held for `seconds` once its first pod runs: the
     finished resource, after checking it ended as the undisturbed one did with every sample Succeeded, and the
     reasons of its events."""
     setup_namespace(cluster, namespace, s3_server)
@@ -532,7 +534,7 @@ def run_through_outage(cluster, reference, monitoring, s3_server, namespace, tmp
         apply(cluster, namespace, doc)
         wait_pod_exists(cluster, namespace, f"{name}-e0-s0", ("Running",))
         with outage:
-            time.sleep(60)
+            time.sleep(seconds)
         obj = wait_phase(cluster, namespace, name, op=op)
     finally:
         delete_searches(cluster, namespace)  # while the operator runs: its finalizer
@@ -582,3 +584,81 @@ def test_an_s3_outage_mid_epoch_changes_nothing_and_counts_no_failure(
     outage = s3_down(cluster, s3_server)
     _, reasons = run_through_outage(cluster, reference, monitoring, s3_server, namespace, tmp_path, outage)
     assert "SampleRetried" not in reasons, reasons  # restarts after exit 3 are not retries
+
+
+@contextlib.contextmanager
+def apiserver_restarted(cluster):
+    """kube-apiserver stopped and started again with etcd kept: the local process, or on kind the static pod
+    (its manifest moved out of the kubelet's manifest folder and back, as a control-plane upgrade does)."""
+    if cluster.controlplane is not None:
+        cluster.controlplane.stop_apiserver()
+    else:
+        node = os.environ.get("KIND_CLUSTER", "amlfs") + "-control-plane"
+        manifest = "/etc/kubernetes/manifests/kube-apiserver.yaml"
+        subprocess.run(["docker", "exec", node, "mv", manifest, "/etc/kubernetes/"], check=True)
+    try:
+        yield
+    finally:
+        if cluster.controlplane is not None:
+            cluster.controlplane.start_apiserver()
+        else:
+            subprocess.run(["docker", "exec", node, "mv", "/etc/kubernetes/kube-apiserver.yaml", manifest], check=True)
+            deadline = time.monotonic() + 120
+            while cluster.kubectl("get", "--raw", "/readyz", check=False, timeout=10).returncode != 0:
+                assert time.monotonic() < deadline, "kube-apiserver not back after 120 s"
+                time.sleep(1)
+
+
+def test_an_api_server_restart_mid_search_changes_nothing(
+    cluster, reference, monitoring, s3_server, namespace, tmp_path
+):
+    """kube-apiserver down for 30 s while the first epoch trains: the operator's watches and the kubelet
+    reconnect, pods that finished meanwhile are reported afterwards, and the search ends as the undisturbed one
+    did with no sample retried."""
+    obj, reasons = run_through_outage(
+        cluster, reference, monitoring, s3_server, namespace, tmp_path, apiserver_restarted(cluster), seconds=30
+    )
+    assert all(x.get("attempt", 0) == 0 for x in obj["status"].get("samples") or [])
+    assert "SampleRetried" not in reasons, reasons
+
+
+def test_a_30s_scrape_sees_every_sample_reward(cluster, crd, monitoring, s3_server, namespace, tmp_path):
+    """Prometheus as kube-prometheus-stack runs it, scraping every 30 s: with the operator's default group TTL
+    every sample's pushed reward is scraped before the operator deletes its group, so the dashboards' reward
+    panels are not empty."""
+    from .services import Prometheus, ServiceError
+
+    try:
+        prom = Prometheus(
+            workdir=tmp_path / "prom30", pushgateway=monitoring.pushgateway.address, scrape_interval="30s"
+        )
+        prom.start()
+    except ServiceError as e:
+        pytest.skip(str(e))  # no prometheus binary on this machine (it is on the local lane's)
+    setup_namespace(cluster, namespace, s3_server)
+    doc = manifest(s3_server)
+    name = doc["metadata"]["name"]
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path, group_ttl=120).start()  # the default
+    try:
+        apply(cluster, namespace, doc)
+        obj = wait_phase(cluster, namespace, name, op=op)
+        assert obj["status"]["phase"] == "Succeeded", obj["status"].get("message")
+        pushed = {
+            (str(h["epoch"]), str(i))
+            for h in history(s3_server, obj)
+            for i, r in enumerate(h["rewards"])
+            if r is not None
+        }
+        assert len(pushed) == 9
+        seen: set[tuple[str, str]] = set()
+
+        def every_sample(result: list[dict]) -> bool:
+            seen.update((r["metric"]["epoch"], r["metric"]["sample"]) for r in result)
+            return seen >= pushed
+
+        query = f'max_over_time(amlfs_sample_reward{{namespace="{namespace}", search="{name}"}}[1h])'
+        prom.wait_for(query, timeout=75, predicate=every_sample)  # the last epoch's: within a scrape or two
+    finally:
+        delete_searches(cluster, namespace)
+        op.stop()
+        prom.stop()

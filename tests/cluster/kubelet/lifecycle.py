@@ -152,6 +152,9 @@ class LifecycleMixin:
         now = time.monotonic()
 
         if rt.finished and not meta.get("deletionTimestamp"):
+            # the final status may not have reached the API server (it was down): written until it has, as a
+            # kubelet's status manager does (_write_status skips a status already written)
+            self._write_status(rt)
             return
 
         # Deletion: SIGTERM, grace period, SIGKILL, final status, delete(grace 0).

@@ -162,8 +162,17 @@ def test_best_sample_ties_go_to_lowest_index_and_is_promoted():
     assert promotes[1].targets == [f"{ROOT}/epoch-0001/best"]  # not better than the best so far
     assert promotes[-1].targets == [f"{ROOT}/final"]
     assert status.best.epoch == 0 and status.best.sample == 1
-    mu_json = next(a for a in actions if isinstance(a, core.WriteJson))
+    mu_json = next(a for a in actions if isinstance(a, core.WriteJson) and a.uri.endswith("/mu.json"))
     assert mu_json.uri == f"{ROOT}/final/mu.json" and mu_json.data["mu"] == status.mu
+
+
+def test_every_closed_epoch_stores_the_spec_beside_its_history():
+    spec = make_spec(epochs=2)
+    _, actions, _ = run_search(spec, lambda th, e, s: 0.5)
+    kinds = [(type(a), getattr(a, "uri", "")) for a in actions if isinstance(a, core.AppendHistory | core.WriteJson)]
+    once = [(core.AppendHistory, f"{ROOT}/history.jsonl"), (core.WriteJson, f"{ROOT}/spec.json")]
+    assert kinds == once * 2 + [(core.WriteJson, f"{ROOT}/final/mu.json")]
+    assert LossSearchSpec.model_validate(next(a for a in actions if isinstance(a, core.WriteJson)).data) == spec
 
 
 def test_next_epoch_starts_from_best_checkpoint():

@@ -5,6 +5,7 @@ amlfs validate FILE.yaml    check a LossSearch manifest
 amlfs example [NAME]        print a bundled example manifest
 amlfs crd                   print the LossSearch CustomResourceDefinition (generated from the spec models)
 amlfs export ROOT [-o FILE]  the final loss of a finished search, for one's own training loop
+amlfs report ROOT [--png FILE] [--json]  a search's summary (what `amlfs run` prints) from its storage alone
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from amlfs import storage
+from amlfs import storage, stored
 from amlfs.contract import EXIT_CONFIG
 from amlfs.spec import SpecError, load_manifest
 
@@ -69,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
     )
     x.add_argument("root", help="the search's storage root: runs/NAME, file:///..., or status.storageRoot (s3://...)")
     x.add_argument("-o", "--output", default="-", help="file to write (default: standard output)")
+    rp = sub.add_parser("report", help="a search's summary table (and PNG) from its storage alone, finished or not")
+    rp.add_argument("root", help="the search's storage root: runs/NAME, file:///..., or status.storageRoot (s3://...)")
+    rp.add_argument("--png", metavar="FILE", help="also write the PNG report (rewards per epoch, learned t and τ)")
+    rp.add_argument("--json", action="store_true", help="print a machine-readable summary instead of the tables")
     return p
 
 
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 storage.write_bytes(storage.normalize(str(Path(args.output).absolute())), body.encode())
             return 0
+        if args.command == "report":
+            return _report(args, console)
         if args.command == "example":
             sys.stdout.write(example_path(args.name).read_text())
             return 0
@@ -166,7 +173,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     console.print(f"amlfs: search {manifest.metadata.name!r} from {path} in {runner.dir} ({parallel} {how}{packs})")
     with progress:
         status = runner.run()
-    history = _history(runner.root)
+    history = stored.read_history(runner.root)
     from amlfs.report import print_summary, write_png
 
     print_summary(Console(), status, history, spec)
@@ -180,12 +187,25 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _history(root: str) -> list[dict]:
-    try:
-        text = storage.read_bytes(f"{root.rstrip('/')}/history.jsonl").decode()
-    except storage.NotFound:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from amlfs import report
+
+    found = stored.load(args.root)  # everything is read before anything is written
+    if args.png:
+        png = Path(args.png)
+        try:
+            report.write_png(png, found.status, found.history, found.spec)
+        except ImportError:
+            raise SpecError("--png: needs matplotlib; pip install 'amlfs[trainer]' or leave --png out") from None
+        except (OSError, storage.StorageError) as exc:
+            raise SpecError(f"--png {png}: cannot write it ({exc}); give a writable path") from None
+    if args.json:
+        sys.stdout.write(json.dumps(report.summary_json(found), indent=1) + "\n")
+    else:
+        report.print_report(Console(), found)
+    if args.png:
+        console.print(f"report: {args.png}")
+    return 0
 
 
 if __name__ == "__main__":

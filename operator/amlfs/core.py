@@ -129,6 +129,10 @@ class Layout:
     def history(self) -> str:
         return f"{self.root.rstrip('/')}/history.jsonl"
 
+    @property
+    def spec(self) -> str:
+        return f"{self.root.rstrip('/')}/spec.json"
+
 
 @dataclass
 class _Step:
@@ -350,6 +354,9 @@ def _close_epoch(s: _Step) -> None:
         "sha256": bx.sha256,
     }
     s.actions.append(AppendHistory(lay.history, full))
+    # the spec beside the history, so that a storage root alone is enough to report on the search (amlfs report);
+    # written with each closed epoch, the pass that writes storage anyway
+    s.actions.append(WriteJson(lay.spec, spec.model_dump(mode="json", by_alias=True)))
     targets = [lay.epoch_best(st.epoch)]
     if st.best is None or best_reward > st.best.reward:
         st.best = Best(

@@ -9,10 +9,9 @@ cosine head).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-from amlfs import storage
+from amlfs import stored
 from amlfs.spec import SpecError
 
 FORMAT = "amlfs-loss/v1"
@@ -20,15 +19,11 @@ FORMAT = "amlfs-loss/v1"
 
 def exported(root: str) -> dict[str, Any]:
     """The export of the search whose storage root is `root` (s3://..., file://... or a local directory)."""
-    if "://" not in root:
-        root = str(Path(root).absolute())
-    uri = f"{storage.normalize(root).rstrip('/')}/final/mu.json"
-    try:
-        mu = storage.read_json(uri)
-    except (storage.StorageError, ValueError) as exc:
-        raise SpecError(
-            f"{uri}: cannot read the final loss of a finished search ({exc}); give its storage root"
-        ) from None
+    base = stored.root_uri(root)
+    uri = f"{base}/final/mu.json"
+    mu = stored.read_final(base)
+    if mu is None:
+        raise SpecError(f"{uri}: no final loss here (not a finished search); give a finished search's storage root")
     missing = [k for k in ("loss", "head", "scale") if k not in mu]
     if missing:
         raise SpecError(

@@ -39,22 +39,9 @@ from typing import IO, Any
 
 from amlfs import contract, core, effects, storage
 from amlfs.contract import EXIT_CONFIG
-from amlfs.spec import LossSearch, LossSearchSpec, SpecError, immutable_paths
+from amlfs.spec import LossSearch, LossSearchSpec, SpecError, as_begun, immutable_paths
 from amlfs.status import LossSearchStatus
 
-LEGACY_SEARCH = {"commonRandomNumbers": False, "antithetic": False, "reward": "accuracy"}
-# fields added to spec.task and spec.model later, with the values a search begun before them ran with
-LEGACY = {
-    "task": {
-        "kind": "classification",
-        "reward": "",
-        "heldOutClasses": 0,
-        "imageSize": [],
-        "randomErasing": 0.5,
-        "pairs": {"file": "", "imagesRoot": ""},
-    },
-    "model": {"bnNeck": False},
-}
 STOP_TIMEOUT = 10.0  # seconds a trainer gets to exit after SIGTERM (or an idle worker after end of input)
 Notify = Callable[[str, dict], None]
 
@@ -419,11 +406,7 @@ class LocalRunner:
     def _check_same_search(self, old: dict) -> None:
         """Refuse a resume whose spec changed a field the CRD makes immutable (the same markers, spec.py)."""
         new = json.loads(self.spec.model_dump_json(by_alias=True))
-        # a field missing from a search begun before it existed counts with the value that reproduces that search
-        old = old | {
-            "search": LEGACY_SEARCH | old.get("search", {}),
-            **{key: LEGACY[key] | old.get(key, {}) for key in LEGACY},
-        }
+        old = as_begun(old)  # a field missing from a search begun before it existed: as that search ran
         for path in immutable_paths():
             before, after = _at(old, path), _at(new, path)
             if before != after:

@@ -913,6 +913,26 @@ def load_manifest(path: str | Path) -> LossSearch:
     return parse_manifest(docs[0], str(p))
 
 
+# fields added to the spec later, with the values a search begun before them ran with
+LEGACY: dict[str, dict[str, Any]] = {
+    "search": {"commonRandomNumbers": False, "antithetic": False, "reward": "accuracy"},
+    "task": {
+        "kind": "classification",
+        "reward": "",
+        "heldOutClasses": 0,
+        "imageSize": [],
+        "randomErasing": 0.5,
+        "pairs": {"file": "", "imagesRoot": ""},
+    },
+    "model": {"bnNeck": False},
+}
+
+
+def as_begun(doc: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec (JSON, camelCase) with every field it predates filled in as its search ran with it."""
+    return doc | {key: LEGACY[key] | (doc.get(key) or {}) for key in LEGACY}
+
+
 def spec_from_json(text: str, source: str = "spec") -> LossSearchSpec:
     try:
         return LossSearchSpec.model_validate(json.loads(text))

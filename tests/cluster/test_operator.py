@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -478,29 +479,49 @@ def test_a_deleted_and_recreated_search_starts_fresh(cluster, crd, monitoring, s
     assert kept and kept[0]["thetas"] != hist[0]["thetas"]  # the first search's objects stay where they were
 
 
-def test_a_missing_secret_degrades_at_once_and_fails_after_the_start_timeout(
-    cluster, crd, monitoring, s3_server, namespace, tmp_path
-):
-    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()  # no Secret in this namespace
+def never_starting(cluster, namespace: str, op: Operator, doc: dict) -> tuple[dict, dict]:
+    """Apply a search whose trainer pods cannot start (start timeout 20 s); its Degraded condition once set
+    (within 60 s) and the finished resource."""
+    doc["spec"]["trainer"]["startTimeoutSeconds"] = 20
+    name = doc["metadata"]["name"]
     try:
-        doc = manifest(s3_server, name="nosecret", epochs=1, samplesPerEpoch=2, maxRetries=0)
-        doc["spec"]["trainer"]["startTimeoutSeconds"] = 20
         apply(cluster, namespace, doc)
         deadline = time.monotonic() + 60
         degraded: dict = {}
         while time.monotonic() < deadline and degraded.get("status") != "True":
-            conds = (get(cluster, namespace, "nosecret").get("status") or {}).get("conditions") or []
+            conds = (get(cluster, namespace, name).get("status") or {}).get("conditions") or []
             degraded = next((c for c in conds if c["type"] == "Degraded"), {})
             time.sleep(0.5)
         assert degraded.get("reason") == "TrainerNotStarting", (degraded, op.log())
-        assert "CreateContainerConfigError" in degraded["message"] and "amlfs-s3" in degraded["message"]
-        obj = wait_phase(cluster, namespace, "nosecret", timeout=120, op=op)
+        obj = wait_phase(cluster, namespace, name, timeout=120, op=op)
     finally:
         delete_searches(cluster, namespace)  # while the operator runs: its finalizer
         op.stop()
-    st = obj["status"]
-    assert st["phase"] == "Failed" and st["reason"] == "TooFewRewards"
-    assert "not started after 20s: CreateContainerConfigError" in st["message"], st["message"]
+    assert obj["status"]["phase"] == "Failed" and obj["status"]["reason"] == "TooFewRewards"
+    return degraded, obj
+
+
+def test_a_missing_secret_degrades_at_once_and_fails_after_the_start_timeout(
+    cluster, crd, monitoring, s3_server, namespace, tmp_path
+):
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()  # no Secret in this namespace
+    doc = manifest(s3_server, name="nosecret", epochs=1, samplesPerEpoch=2, maxRetries=0)
+    degraded, obj = never_starting(cluster, namespace, op, doc)
+    assert "CreateContainerConfigError" in degraded["message"] and "amlfs-s3" in degraded["message"]
+    assert "not started after 20s: CreateContainerConfigError" in obj["status"]["message"], obj["status"]
+
+
+def test_an_image_that_cannot_be_pulled_degrades_at_once_and_fails_after_the_start_timeout(
+    cluster, crd, monitoring, s3_server, namespace, tmp_path
+):
+    setup_namespace(cluster, namespace, s3_server)
+    op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
+    doc = manifest(s3_server, name="noimage", epochs=1, samplesPerEpoch=2, maxRetries=0)
+    doc["spec"]["trainer"]["image"] = "registry.invalid/amlfs-trainer:missing"
+    degraded, obj = never_starting(cluster, namespace, op, doc)
+    assert "registry.invalid/amlfs-trainer:missing" in degraded["message"], degraded
+    assert any(r in degraded["message"] for r in ("ErrImagePull", "ImagePullBackOff")), degraded
+    assert re.search(r"not started after 20s: (ErrImagePull|ImagePullBackOff)", obj["status"]["message"]), obj
 
 
 @contextlib.contextmanager

@@ -57,3 +57,7 @@ def _pod_requests(pod: dict) -> dict[str, float]:
 
 class ConfigError(Exception):
     """A container cannot be started yet (missing secret, configmap, key)."""
+
+
+class ImageNotFound(ConfigError):
+    """An image the node cannot "pull": no command given and no entry in image_commands (the node's registry)."""

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .common import MAX_TERMINATION_MESSAGE, ConfigError, log, now_rfc3339
+from .common import MAX_TERMINATION_MESSAGE, ConfigError, ImageNotFound, log, now_rfc3339
 from .rest import ApiError
 from .runtime import Container, PodRuntime
 
@@ -41,6 +41,11 @@ class ContainersMixin:
                 start_error = None
             if self.mount_namespaces and start_error is None:
                 argv = self._mount_wrapper(c, self._container_mounts(rt, c), argv)
+        except ImageNotFound as e:  # the first failed pull, then the kubelet's back-off between pulls
+            pulled_before = c.reason in ("ErrImagePull", "ImagePullBackOff")
+            c.state, c.reason, c.message = "waiting", "ImagePullBackOff" if pulled_before else "ErrImagePull", str(e)
+            c.next_start = time.monotonic() + 1.0
+            return
         except ConfigError as e:
             c.state, c.reason, c.message = "waiting", "CreateContainerConfigError", str(e)
             c.next_start = time.monotonic() + 1.0

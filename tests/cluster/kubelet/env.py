@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import IN_POD_TERMINATION_LOG, ConfigError, parse_quantity
+from .common import IN_POD_TERMINATION_LOG, ConfigError, ImageNotFound, parse_quantity
 from .rest import Rest
 from .runtime import Container, PodRuntime
 
@@ -199,10 +199,10 @@ class EnvMixin:
                 if ":" in base.rsplit("/", 1)[-1]:
                     base = base.rsplit(":", 1)[0]
                 entry = self.image_commands.get(base)
-            if entry is None:
-                raise ConfigError(
-                    f'container has no command and image "{image}" has no entry in the '
-                    f"process kubelet's image_commands"
+            if entry is None:  # as a registry without the image answers a real kubelet's pull
+                raise ImageNotFound(
+                    f'failed to pull and unpack image "{image}": not found (the process kubelet runs images '
+                    f"that have an entry in its image_commands)"
                 )
             command = list(entry)
         return command + args

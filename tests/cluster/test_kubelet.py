@@ -279,5 +279,7 @@ def test_image_without_entrypoint_mapping_is_reported(cluster, process_kubelet, 
         st = (pod["status"].get("containerStatuses") or [{}])[0].get("state", {})
         return st.get("waiting")
 
-    w = _wait(lambda: (waiting() or {}).get("reason") == "CreateContainerConfigError" and waiting())
-    assert "image_commands" in w["message"]
+    # what a real kubelet says when the registry has no such image: a failed pull, then back-off between pulls
+    w = _wait(lambda: (waiting() or {}).get("reason") in ("ErrImagePull", "ImagePullBackOff") and waiting())
+    assert "example.com/unknown:1" in w["message"] and "image_commands" in w["message"]
+    _wait(lambda: (waiting() or {}).get("reason") == "ImagePullBackOff")

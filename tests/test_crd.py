@@ -288,6 +288,7 @@ def test_cel_rules_name_the_field_and_the_fix(schema):
         ".spec.search.commonRandomNumbers",
         ".spec.search.reward",
         ".spec.search.antithetic",
+        ".spec.search.priorAdjustment",
     }
     # the knobs a user raises on a running search stay mutable (sigma applies from the next epoch)
     for path in (".spec.search.epochs", ".spec.search.sigma", ".spec.suspend", ".spec.optimizer", ".spec.trainer"):

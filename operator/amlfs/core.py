@@ -144,7 +144,7 @@ def space_config(spec: LossSearchSpec) -> SpaceConfig:
 
 def initial_mu(spec: LossSearchSpec) -> list[float]:
     space, cfg = get_space(spec.search.space), space_config(spec)
-    if spec.search.init.preset == "softmax":
+    if spec.search.init.preset == "softmax" and (spec.search.init.logit_adjustment == 0 or not cfg.prior_adjustment):
         return space.identity(cfg)
     try:
         return space.from_preset(spec.search.init, cfg)

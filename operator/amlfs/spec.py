@@ -486,8 +486,9 @@ class SearchSpec(Model):
         description="bounded parameterisation: mu gets one more coordinate, the strength a of a logit adjustment "
         "(the loss sees the logits plus a log pi_c, pi_c the training split's class priors; see "
         "init.logitAdjustment), searched from init.logitAdjustment (0: plain). On balanced training data it "
-        "changes nothing; on long-tailed data it pays with search.reward: balanced-accuracy (plain accuracy on "
-        "a long-tailed validation split rewards the head classes and keeps a near 0).",
+        "changes nothing. On long-tailed data whose test is balanced, pair it with search.reward: "
+        "neg-balanced-val-loss (plain accuracy on a long-tailed validation split rewards the head classes; "
+        "balanced accuracy on a handful of rare-class validation examples is too noisy to move a).",
         json_schema_extra=cel(immutable("spec.search.priorAdjustment", "mu's dimension depends on it")),
     )
     intervals: int = Field(

@@ -22,18 +22,26 @@ Arms:
   selection-only  B samples per epoch, all cross-entropy, best-of-B kept: the baseline of every claim
   fixed:<preset>  selection-only with a fixed preset loss: fixed:gce (q 0.7), fixed:mae, fixed:sce (0.1, 1.0),
                   fixed:ls (label smoothing 0.1), fixed:poly1 (epsilon 1), fixed:focal (gamma 2), fixed:cb
-                  (class-balanced cross-entropy, beta 0.999)
+                  (class-balanced cross-entropy, beta 0.999), fixed:la (logit adjustment a = 1; la0.5, la2,
+                  poly1-la: Poly-1 with a = 1)
+  fixed-balanced:<preset>  the same, best of B by balanced accuracy
   one:<preset>    one trajectory of a fixed preset (no selection)
   retrain:<arm>   one fresh trajectory trained with the final mu of that search arm (same task and seed) as a
                   fixed loss: does the found loss transfer to a new run? (compare with ce)
   default         the search with the spec's defaults
-  bounded         the bounded parameterisation with common random numbers and antithetic samples (the defaults)
+  bounded         the bounded parameterisation without the logit-adjustment coordinate, with common random
+                  numbers and antithetic samples (the default before bounded-la)
+  bounded-la      the same with the logit-adjustment coordinate (search.priorAdjustment; the default's spec)
+  bounded-la-balanced, bounded-la-balloss, bounded-la1-balloss:
+                  bounded-la rewarded by balanced accuracy / by the balanced validation loss
+                  (neg-balanced-val-loss) / the latter starting from a = 1
   monotone        the previous default: monotone parameterisation, independent data orders, no antithetic pairs
   paper           the paper's parameterisation (per-piece a, b; no trust region), as monotone otherwise
   bounded-nocrn, bounded-noanti, bounded-old-estimator, bounded-accloss, bounded-valloss, monotone-crn-anti,
   bounded-balanced, monotone-balanced:
                   one setting changed (see CANDIDATES)
   selection-balanced  selection-only choosing the best of B by balanced accuracy (the baseline of *-balanced)
+  selection-balloss   selection-only choosing the best of B by the balanced validation loss
 
 Resumable: every finished run appends one JSON line to --out; runs already there are skipped. The summary
 (--summary) is recomputed from all lines of --out that match the requested tasks, arms, seeds and epochs.
@@ -88,22 +96,37 @@ FIXED: dict[str, dict[str, Any]] = {
     "poly1": {"preset": "poly1", "polyEpsilon": 1.0},
     "focal": {"preset": "focal", "gamma": 2.0},
     "cb": {"preset": "softmax", "classBalance": 0.999},
+    "la": {"preset": "softmax", "logitAdjustment": 1.0},
+    "la0.5": {"preset": "softmax", "logitAdjustment": 0.5},
+    "la2": {"preset": "softmax", "logitAdjustment": 2.0},
+    "poly1-la": {"preset": "poly1", "polyEpsilon": 1.0, "logitAdjustment": 1.0},
 }
 
 # spec.search overrides of the search arms (besides "default", which overrides nothing)
 OLD = {"commonRandomNumbers": False, "antithetic": False}
+B0 = {"parameterization": "bounded", "priorAdjustment": False}  # the bounded form before the prior coordinate
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "monotone": {"parameterization": "monotone", **OLD},  # the previous default
+    "monotone": {"parameterization": "monotone", **OLD},  # the default before bounded
     "paper": {"parameterization": "paper", "muBound": 0, **OLD},
-    "bounded": {"parameterization": "bounded", "commonRandomNumbers": True, "antithetic": True},
-    "bounded-nocrn": {"parameterization": "bounded", "commonRandomNumbers": False, "antithetic": True},
-    "bounded-noanti": {"parameterization": "bounded", "commonRandomNumbers": True, "antithetic": False},
-    "bounded-old-estimator": {"parameterization": "bounded", **OLD},
-    "bounded-accloss": {"parameterization": "bounded", "reward": "accuracy+loss"},
-    "bounded-valloss": {"parameterization": "bounded", "reward": "neg-val-loss"},
+    "bounded": {**B0, "commonRandomNumbers": True, "antithetic": True},  # the default before bounded-la
+    "bounded-nocrn": {**B0, "commonRandomNumbers": False, "antithetic": True},
+    "bounded-noanti": {**B0, "commonRandomNumbers": True, "antithetic": False},
+    "bounded-old-estimator": {**B0, **OLD},
+    "bounded-accloss": {**B0, "reward": "accuracy+loss"},
+    "bounded-valloss": {**B0, "reward": "neg-val-loss"},
     "monotone-crn-anti": {"parameterization": "monotone", "commonRandomNumbers": True, "antithetic": True},
-    "bounded-balanced": {"parameterization": "bounded", "reward": "balanced-accuracy"},
+    "bounded-balanced": {**B0, "reward": "balanced-accuracy"},
     "monotone-balanced": {"parameterization": "monotone", "reward": "balanced-accuracy"},
+    # the bounded form with the logit-adjustment coordinate (search.priorAdjustment)
+    "bounded-la": {"parameterization": "bounded", "priorAdjustment": True},
+    "bounded-la-balanced": {"parameterization": "bounded", "priorAdjustment": True, "reward": "balanced-accuracy"},
+    "bounded-la-balloss": {"parameterization": "bounded", "priorAdjustment": True, "reward": "neg-balanced-val-loss"},
+    "bounded-la1-balloss": {  # starting from Menon et al.'s a = 1
+        "parameterization": "bounded",
+        "priorAdjustment": True,
+        "reward": "neg-balanced-val-loss",
+        "init": {"preset": "softmax", "logitAdjustment": 1.0},
+    },
 }
 
 
@@ -116,8 +139,12 @@ def search_overrides(arm: str) -> dict[str, Any]:
         return {"mode": "selection-only"}
     if arm == "selection-balanced":  # best-of-B by balanced accuracy
         return {"mode": "selection-only", "reward": "balanced-accuracy"}
+    if arm == "selection-balloss":  # best-of-B by the balanced validation loss
+        return {"mode": "selection-only", "reward": "neg-balanced-val-loss"}
     if arm.startswith("fixed:"):
         return {"mode": "selection-only", "init": FIXED[arm.split(":", 1)[1]]}
+    if arm.startswith("fixed-balanced:"):  # best-of-B by balanced accuracy
+        return {"mode": "selection-only", "init": FIXED[arm.split(":", 1)[1]], "reward": "balanced-accuracy"}
     if arm == "default":
         return {}
     if arm in CANDIDATES:
@@ -186,8 +213,9 @@ def run_search(work: Path, m: dict[str, Any], device: str, threads: int = 0) -> 
     for h in (json.loads(x) for x in storage.read_bytes(f"{runner.root}/history.jsonl").decode().splitlines()):
         r = storage.read_json(f"{runner.root}/epoch-{h['epoch']:04d}/sample-{h['best']:02d}/result.json")
         curve.append(round(r["testAccuracy"], 4))
-        if len(h["muAfter"]) <= 4:
-            mu_curve.append([round(v, 3) for v in h["muAfter"]])
+        # small spaces whole; the bounded one's floor (and logit-adjustment) coordinates
+        tail = h["muAfter"] if len(h["muAfter"]) <= 4 else h["muAfter"][m["spec"]["search"].get("intervals", 6) + 1 :]
+        mu_curve.append([round(v, 3) for v in tail])
     return {
         "status": "ok",
         "testAccuracy": final["testAccuracy"],
@@ -250,12 +278,12 @@ def summarize(records: list[dict[str, Any]], tasks: list[str], arms: list[str]) 
                 dm, dh = t_interval(d)
                 row |= {"diffVsSelection": dm, "diffCi95": dh, "diffN": len(d)}
             rows[arm] = row
-        fixed = {a: r["mean"] for a, r in rows.items() if a.startswith("fixed:")}
+        fixed = {a: r["mean"] for a, r in rows.items() if a.startswith(("fixed:", "fixed-balanced:"))}
         if fixed and "selection-only" in rows:
             best = max(fixed, key=lambda a: fixed[a])
             gap = fixed[best] - rows["selection-only"]["mean"]
             for arm, r in rows.items():
-                if not arm.startswith(("fixed:", "ce", "selection-only")) and gap > 0 and "diffVsSelection" in r:
+                if not arm.startswith(("fixed", "ce", "selection-only")) and gap > 0 and "diffVsSelection" in r:
                     r |= {"bestFixed": best, "gapClosed": r["diffVsSelection"] / gap}
         out[task] = rows
     return out

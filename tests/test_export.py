@@ -10,6 +10,7 @@ import torch
 from amlfs import core
 from amlfs.cli import main
 from amlfs.runner import LocalRunner
+from amlfs.spaces import get_space
 from amlfs.spec import parse_manifest
 from amlfs_trainer import exported_loss
 from amlfs_trainer.losses import build_loss
@@ -60,3 +61,20 @@ def test_export_of_something_that_is_not_a_finished_search_is_one_line_and_exit_
     assert len(err.splitlines()) == 1 and "final/mu.json" in err and "storage root" in err
     with pytest.raises(ValueError, match="amlfs export"):
         exported_loss({"format": "something-else"})
+
+
+def test_the_exported_loss_keeps_the_searched_logit_adjustment(tmp_path):
+    spec, status, runner = finished(tmp_path, init={"preset": "softmax", "logitAdjustment": 1.0})
+    names = get_space("amlfs").names(core.space_config(spec))
+    assert names[-1] == "logit_adjust" and len(status.mu) == len(names) == 3 + 3
+    out = tmp_path / "loss.json"
+    assert main(["export", str(runner.dir), "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    want = core.program_for(spec, status.mu)
+    assert doc["program"] == want and doc["search"]["names"] == names and want["logitAdjust"] > 0
+    counts = [9, 1, 6, 8, 6, 7, 5, 6, 7, 2]
+    logits, target = torch.randn(16, 10, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    got = exported_loss(out, class_counts=counts)(logits, target)
+    assert torch.equal(got, build_loss(want, "linear", spec.model.scale, class_counts=counts)(logits, target))
+    with pytest.raises(ValueError, match="logitAdjust"):
+        exported_loss(out)  # the adjustment needs the class priors

@@ -689,3 +689,75 @@ def test_bounded_floor_ignores_hopeless_rows_and_is_cross_entropy_below_zero(hea
     ratio = g.gather(1, y.view(-1, 1)).squeeze(1) / g_ce.gather(1, y.view(-1, 1)).squeeze(1)
     torch.testing.assert_close(ratio, 0.9 * p / (0.1 + 0.9 * p), rtol=1e-3, atol=1e-5)
     assert (ratio[p < 1e-3] < 0.01).all() and (p < 1e-3).any()
+
+
+# --- logit adjustment ------------------------------------------------------------------------------
+
+
+def test_logit_adjustment_is_cross_entropy_of_the_prior_shifted_logits() -> None:
+    """L = CE(s z + a log pi)_y with pi the training priors, by hand; a = 0 is the program itself."""
+    from amlfs_trainer.losses import logit_adjustment
+
+    counts = [400, 100, 25, 5, 1]
+    log_pi = torch.tensor([math.log(n / sum(counts)) for n in counts], dtype=torch.float64)
+    assert logit_adjustment(counts, 1.0) == pytest.approx((log_pi - log_pi.mean()).tolist())
+    assert logit_adjustment([0, 3], 1.0) == pytest.approx([-math.log(3) / 2, math.log(3) / 2])  # empty: one
+    gen = torch.Generator().manual_seed(3)
+    for head, s in (("linear", 1.0), ("cosine", 16.0)):
+        z, y = random_outputs(head, 64, 5, gen, spread=3.0, dtype=torch.float64)
+        z.requires_grad_(True)
+        for a in (0.0, 1.0, 0.6):
+            want = F.cross_entropy(s * z + a * log_pi, y)
+            (g_want,) = torch.autograd.grad(want, z)
+            programs = [
+                preset_program(InitSpec(logit_adjustment=a)),
+                AMLFS.program(
+                    AMLFS.identity(cfg_for(head, 6, "bounded", scale=s)), cfg_for(head, 6, "bounded", scale=s)
+                )
+                | {"logitAdjust": a},
+            ]
+            for program in programs:
+                got = build_loss(program, head, s, class_counts=counts)(z, y)
+                (g,) = torch.autograd.grad(got, z)
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(g, g_want, rtol=1e-10, atol=1e-12)
+        # the other presets see the shifted logits too: focal with gamma 0 and poly1 with epsilon 0 are CE
+        for program in (
+            {"kind": "preset", "name": "focal", "gamma": 0.0},
+            {"kind": "preset", "name": "poly1", "epsilon": 0.0},
+        ):
+            got = build_loss(program | {"logitAdjust": 1.0}, head, s, class_counts=counts)(z, y)
+            torch.testing.assert_close(got, F.cross_entropy(s * z + log_pi, y), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="logitAdjust: needs the training split's class counts"):
+        build_loss({"kind": "preset", "name": "softmax", "logitAdjust": 1.0}, "linear", 1.0)
+    # with class balance: the weighted rows of the adjusted loss
+    z, y = random_outputs("linear", 32, 5, gen, spread=2.0, dtype=torch.float64)
+    w = torch.tensor(class_balanced_weights(counts, 0.99), dtype=torch.float64)
+    got = build_loss(
+        preset_program(InitSpec(class_balance=0.99, logit_adjustment=1.0)), "linear", 1.0, class_counts=counts
+    )(z, y)
+    torch.testing.assert_close(got, (F.cross_entropy(z + log_pi, y, reduction="none") * w[y]).mean())
+
+
+def test_the_prior_coordinate_of_the_bounded_space() -> None:
+    """theta = [d_0 .. d_M, w, c]: a = PRIOR_SCALE max(c, 0); identity and c <= 0 are plain; uniform priors: no-op."""
+    from amlfs.spaces.amlfs_space import PRIOR_MAX, PRIOR_SCALE
+
+    cfg = SpaceConfig(6, "bounded", -10.0, 10.0, 1.0, prior_adjustment=True)
+    assert AMLFS.dim(cfg) == 9 and AMLFS.names(cfg)[-2:] == ["floor", "logit_adjust"]
+    assert AMLFS.dim(SpaceConfig(6, "bounded")) == 8 and "logit_adjust" not in AMLFS.names(SpaceConfig(6, "bounded"))
+    for c, a in ((0.0, 0.0), (-0.3, 0.0), (0.25, 0.25 * PRIOR_SCALE), (100.0, PRIOR_MAX)):
+        theta = [*AMLFS.identity(cfg)[:-1], c]
+        assert AMLFS.program(theta, cfg)["logitAdjust"] == pytest.approx(a)
+    warm = AMLFS.from_preset(InitSpec(logit_adjustment=1.0), cfg)
+    assert warm[-1] == pytest.approx(1.0 / PRIOR_SCALE) and AMLFS.program(warm, cfg)["logitAdjust"] == pytest.approx(
+        1.0
+    )
+    gen = torch.Generator().manual_seed(4)
+    z, y = random_outputs("linear", 64, 4, gen, spread=3.0)
+    ce = F.cross_entropy(z, y)
+    identity = AMLFS.program(AMLFS.identity(cfg), cfg)
+    assert torch.equal(build_loss(identity, "linear", 1.0, class_counts=[9, 1, 1, 1])(z, y), ce)
+    adjusted = AMLFS.program([*AMLFS.identity(cfg)[:-1], 0.5], cfg)
+    torch.testing.assert_close(build_loss(adjusted, "linear", 1.0, class_counts=[50, 50, 50, 50])(z, y), ce)
+    assert build_loss(adjusted, "linear", 1.0, class_counts=[90, 5, 3, 2])(z, y).item() != pytest.approx(ce.item())

@@ -330,3 +330,26 @@ def test_the_operators_own_s3_calls_go_to_the_searchs_endpoint(tmp_path, monkeyp
     assert seen == ["http://127.0.0.1:1"]
     with ThreadPoolExecutor(1) as pool:  # a plain thread does not inherit it
         assert pool.submit(lambda: storage.s3_client().meta.endpoint_url).result() == "http://127.0.0.1:9"
+
+
+def test_a_search_begun_before_prior_adjustment_keeps_its_space_when_the_crd_defaults_it(tmp_path):
+    """A search whose mu has the bounded space's M+2 numbers (begun before search.priorAdjustment existed) meets
+    an upgraded CRD that defaults the field to true: it closes its epoch and samples in the space it began in."""
+    from amlfs.controller.rewards import PushedResult
+
+    c = Cluster(tmp_path, spec(tmp_path, epochs=2, priorAdjustment=False))
+    pushed = {(0, 0): PushedResult(0.5, False, "a" * 64), (0, 1): PushedResult(0.7, False, "b" * 64)}
+    c.rec.rewards.results = lambda *a, **k: pushed  # type: ignore[method-assign]
+    _, st = c.reconcile()
+    dim = len(st["mu"])
+    assert dim == 6 + 2 and all(len(x["theta"]) == dim for x in st["samples"])
+    c.custom.body["spec"]["search"]["priorAdjustment"] = True  # what the upgraded CRD's default says
+    for i in (0, 1):
+        storage.write_bytes(f"{st['storageRoot']}/epoch-0000/sample-0{i}/checkpoint.pt", b"w")
+        storage.write_json(f"{st['storageRoot']}/epoch-0000/sample-0{i}/result.json", {"status": "ok"})
+        c.pod(f"s-e0-s{i}", "Succeeded", **failed(0, T0))
+    c.now = T0 + 1
+    _, st = c.reconcile()
+    assert st["epoch"] == 1 and len(st["mu"]) == dim and st.get("reason", "") == "", st.get("message")
+    assert all(len(x["theta"]) == dim for x in st["samples"])
+    assert len(c.core.created) == 4  # epoch 1's pods

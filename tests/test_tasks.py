@@ -276,5 +276,5 @@ def test_bn_neck_is_absent_unless_asked_and_classification_evaluates_as_the_pack
     data = task.load(TaskSpec(dataset="digits"), torch.device("cpu"), None)
     metrics = task.evaluate(plain, data, 256, 1.0)
     for split in ("val", "test"):
-        got = (metrics[f"{split}Accuracy"], metrics[f"{split}Loss"], metrics[f"{split}BalancedAccuracy"])
+        got = tuple(metrics[f"{split}{k}"] for k in ("Accuracy", "Loss", "BalancedAccuracy", "BalancedLoss"))
         assert got == pack.evaluate_model(plain, data, split, 256, 1.0)

@@ -199,15 +199,20 @@ def test_common_random_numbers_share_the_data_order_except_in_selection_only(tmp
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "same loss and common random numbers: same epoch"
 
 
-@pytest.mark.parametrize("kind", ["neg-val-loss", "accuracy+loss", "balanced-accuracy"])
+@pytest.mark.parametrize("kind", ["neg-val-loss", "accuracy+loss", "balanced-accuracy", "neg-balanced-val-loss"])
 def test_reward_from_the_validation_cross_entropy_or_per_class_recall(tmp_path, kind):
     spec = SPEC.model_copy(update={"search": SPEC.search.model_copy(update={"reward": kind})})
     out = f"file://{tmp_path}/r"
     theta = [0.3] * len(identity())  # not cross-entropy: the validation loss is cross-entropy all the same
     assert main(args(tmp_path, 0, 0, out, "--theta", json.dumps(theta), spec=spec)) == EXIT_OK
     r = storage.read_json(f"{out}/result.json")
-    acc, loss, balanced = r["valAccuracy"], r["valLoss"], r["valBalancedAccuracy"]
-    want = {"neg-val-loss": -loss, "accuracy+loss": acc - 0.01 * loss, "balanced-accuracy": balanced}[kind]
+    acc, loss, balanced, bal_loss = r["valAccuracy"], r["valLoss"], r["valBalancedAccuracy"], r["valBalancedLoss"]
+    want = {
+        "neg-val-loss": -loss,
+        "accuracy+loss": acc - 0.01 * loss,
+        "balanced-accuracy": balanced,
+        "neg-balanced-val-loss": -bal_loss,
+    }[kind]
     assert loss > 0 and r["reward"] == pytest.approx(want)
     # plain cross-entropy, accuracy and mean per-class recall of the saved model on the validation split
     data = load_task(spec.task, torch.device("cpu"))
@@ -218,6 +223,9 @@ def test_reward_from_the_validation_cross_entropy_or_per_class_recall(tmp_path, 
         xs, ys = zip(*data.eval_batches("val", 10_000), strict=True)
         logits, y = model(torch.cat(xs)), torch.cat(ys)
         ce = torch.nn.functional.cross_entropy(logits, y).item()
+        rows = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    per_class = [rows[y == c].mean().item() for c in range(data.num_classes) if (y == c).any()]
+    assert bal_loss == pytest.approx(sum(per_class) / len(per_class), rel=1e-5)
     pred = logits.argmax(1)
     recalls = [(pred[y == c] == c).float().mean().item() for c in range(data.num_classes) if (y == c).any()]
     assert loss == pytest.approx(ce, rel=1e-5) and acc == pytest.approx((pred == y).float().mean().item())

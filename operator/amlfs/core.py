@@ -146,9 +146,22 @@ def space_config(spec: LossSearchSpec) -> SpaceConfig:
     return SpaceConfig.from_spec(spec)
 
 
+def spec_as_begun(spec: LossSearchSpec, status: LossSearchStatus | None) -> LossSearchSpec:
+    """The spec a search with this status runs under. A search begun before search.priorAdjustment existed has a
+    mu one coordinate shorter; an upgraded CRD defaults the field to true on such a resource, and the search
+    keeps the space it began with."""
+    if status is None or not status.mu or not spec.search.prior_adjustment:
+        return spec
+    without = spec.model_copy(update={"search": spec.search.model_copy(update={"prior_adjustment": False})})
+    space = get_space(spec.search.space)
+    if len(status.mu) != space.dim(space_config(spec)) and len(status.mu) == space.dim(space_config(without)):
+        return without
+    return spec
+
+
 def initial_mu(spec: LossSearchSpec) -> list[float]:
     space, cfg = get_space(spec.search.space), space_config(spec)
-    if spec.search.init.preset == "softmax":
+    if spec.search.init.preset == "softmax" and (spec.search.init.logit_adjustment == 0 or not cfg.prior_adjustment):
         return space.identity(cfg)
     try:
         return space.from_preset(spec.search.init, cfg)

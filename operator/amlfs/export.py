@@ -1,9 +1,9 @@
 """A finished search's loss as a small file for one's own training loop (`amlfs export`).
 
-The file is JSON: the loss program of the search's final mu (as its samples trained it: class balance included;
-for selection-only, the preset) and the head it acts on. `amlfs_trainer.exported_loss(path)` turns it into an
-`nn.Module`: ``criterion(outputs, target)``, outputs being the network's logits (a linear head) or its cosines (a
-cosine head).
+The file is JSON: the loss program of the search's final mu (as its samples trained it: class balance and logit
+adjustment included; for selection-only, the preset) and the head it acts on. `amlfs_trainer.exported_loss(path)`
+turns it into an `nn.Module`: ``criterion(outputs, target)``, outputs being the network's logits (a linear head) or
+its cosines (a cosine head).
 """
 
 from __future__ import annotations

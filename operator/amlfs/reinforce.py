@@ -49,9 +49,12 @@ LOSS_TIE_BREAK = 0.01
 """Weight of the validation cross-entropy in the accuracy+loss reward."""
 
 
-def reward_value(kind: str, accuracy: float, loss: float, balanced: float = math.nan) -> float:
-    """A sample's reward from its validation accuracy, (plain cross-entropy) loss and balanced accuracy (mean
-    per-class recall); see spec.search.reward."""
+def reward_value(
+    kind: str, accuracy: float, loss: float, balanced: float = math.nan, balanced_loss: float = math.nan
+) -> float:
+    """A sample's reward from its validation accuracy, (plain cross-entropy) loss, balanced accuracy (mean
+    per-class recall) and balanced loss (the mean over classes of their mean cross-entropy); see
+    spec.search.reward."""
     if kind == "accuracy":
         return accuracy
     if kind == "balanced-accuracy":
@@ -60,8 +63,11 @@ def reward_value(kind: str, accuracy: float, loss: float, balanced: float = math
         return accuracy - LOSS_TIE_BREAK * loss
     if kind == "neg-val-loss":
         return -loss
+    if kind == "neg-balanced-val-loss":
+        return -balanced_loss
     raise ValueError(
-        f"search.reward: unknown reward {kind!r}; use accuracy, balanced-accuracy, accuracy+loss or neg-val-loss"
+        f"search.reward: unknown reward {kind!r}; use accuracy, balanced-accuracy, accuracy+loss, neg-val-loss or "
+        "neg-balanced-val-loss"
     )
 
 

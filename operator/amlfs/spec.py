@@ -437,6 +437,16 @@ class InitSpec(Model):
         "(1 - beta) / (1 - beta^n_c), n_c its training examples, normalised to mean 1 over classes. "
         "This is that beta (e.g. 0.999); 0: off.",
     )
+    logit_adjustment: float = Field(
+        0.0,
+        ge=0.0,
+        le=4.0,
+        description="Logit adjustment (Menon et al., ICLR 2021) of every loss of the search: the loss sees the "
+        "logits plus a log pi_c, pi_c the training split's share of class c, so rare classes get a larger margin "
+        "(the trained network's own logits are not shifted). This is that a: 1 makes cross-entropy "
+        "Bayes-consistent for the balanced error (long-tailed data, balanced test); 0: off. With "
+        "search.priorAdjustment it is where the searched strength starts; otherwise fixed.",
+    )
 
 
 class SearchSpec(Model):
@@ -475,6 +485,16 @@ class SearchSpec(Model):
         "continuous increasing t and tau given by offsets and log-slopes, tau(0) = 0. paper: independent slope "
         "and intercept per piece, as in the AM-LFS paper.",
         json_schema_extra=cel(immutable("spec.search.parameterization", "it fixes what mu means")),
+    )
+    prior_adjustment: bool = Field(
+        True,
+        description="bounded parameterisation: mu gets one more coordinate, the strength a of a logit adjustment "
+        "(the loss sees the logits plus a log pi_c, pi_c the training split's class priors; see "
+        "init.logitAdjustment), searched from init.logitAdjustment (0: plain). On balanced training data it "
+        "changes nothing. On long-tailed data whose test is balanced, pair it with search.reward: "
+        "neg-balanced-val-loss (plain accuracy on a long-tailed validation split rewards the head classes; "
+        "balanced accuracy on a handful of rare-class validation examples is too noisy to move a).",
+        json_schema_extra=cel(immutable("spec.search.priorAdjustment", "mu's dimension depends on it")),
     )
     intervals: int = Field(
         6,
@@ -562,13 +582,15 @@ class SearchSpec(Model):
         "muBound of its initial value, so noisy rewards cannot drift the loss far away "
         "(0: unbounded, as in the paper).",
     )
-    reward: Literal["accuracy", "balanced-accuracy", "accuracy+loss", "neg-val-loss"] = Field(
+    reward: Literal["accuracy", "balanced-accuracy", "accuracy+loss", "neg-val-loss", "neg-balanced-val-loss"] = Field(
         "accuracy",
         description="What a sample is rewarded (and the best sample chosen) by, on the validation split: "
         "accuracy; balanced-accuracy: the mean of the per-class recalls (long-tailed data whose test split is "
         "balanced: plain accuracy on a long-tailed validation split rewards the head classes); accuracy+loss: "
         "accuracy minus 0.01 x cross-entropy (the loss breaks ties between equal "
-        "accuracies); neg-val-loss: minus the cross-entropy. The validation loss is always plain "
+        "accuracies); neg-val-loss: minus the cross-entropy; neg-balanced-val-loss: minus the mean over classes of "
+        "their mean cross-entropy (long-tailed data: a smoother signal than balanced accuracy where the rare "
+        "classes have a handful of validation examples). The validation loss is always plain "
         "cross-entropy, whatever loss the sample trained with, so samples stay comparable.",
         json_schema_extra=cel(immutable("spec.search.reward", "rewards of different epochs are compared")),
     )
@@ -915,7 +937,7 @@ def load_manifest(path: str | Path) -> LossSearch:
 
 # fields added to the spec later, with the values a search begun before them ran with
 LEGACY: dict[str, dict[str, Any]] = {
-    "search": {"commonRandomNumbers": False, "antithetic": False, "reward": "accuracy"},
+    "search": {"commonRandomNumbers": False, "antithetic": False, "reward": "accuracy", "priorAdjustment": False},
     "task": {
         "kind": "classification",
         "reward": "",

@@ -15,7 +15,8 @@ def exported_loss(
 ) -> Any:
     """The loss a search found (a file written by `amlfs export`, or its parsed JSON) as an ``nn.Module``:
     ``criterion(outputs, target)``, outputs being logits (a linear head) or cosines (a cosine head, the loss
-    applying its scale). ``class_counts`` (training examples per class) is needed by a class-balanced loss."""
+    applying its scale). ``class_counts`` (training examples per class) is needed by a class-balanced or
+    logit-adjusted loss."""
     from amlfs.export import FORMAT
     from amlfs_trainer.losses import build_loss
 

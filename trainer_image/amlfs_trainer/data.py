@@ -116,6 +116,10 @@ class TaskData(ABC):
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """`split` ("val", "test"; "train" also works) in a fixed order, without augmentation."""
 
+    def labels(self, split: str) -> Tensor:
+        """The labels of `split` (int64, on the CPU), in eval order; subclasses read them without the inputs."""
+        return torch.cat([y.cpu() for _, y in self.eval_batches(split, 65536)])
+
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
@@ -190,6 +194,10 @@ class InMemoryTaskData(TaskData):
             if augment:
                 x = crop_flip(x, self._pad, cols[1], cols[2], cols[3].bool())
             yield self._prepare(x), data.y[idx]
+
+    def labels(self, split: str) -> Tensor:
+        self._check(split)
+        return self._splits[split].y.cpu()
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         self._check(split)
@@ -636,6 +644,10 @@ class FolderTaskData(TaskData):
         order = torch.randperm(len(dataset), generator=generator).tolist()
         # The loader draws its workers' seeds (hence the augmentation) from `generator` too.
         yield from self._loader(dataset, batch_size, order, generator)
+
+    def labels(self, split: str) -> Tensor:
+        _check_split(split)
+        return torch.tensor([c for _, c in self._sets[split].samples], dtype=torch.int64)
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         _check_split(split)

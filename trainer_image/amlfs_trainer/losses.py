@@ -21,7 +21,12 @@ Program kinds:
 
 Any program may carry ``classBalance: beta`` (Cui et al., CVPR 2019): each row's loss is weighted by
 ``w_y = (1 - beta) / (1 - beta^n_y)``, ``n_y`` the training examples of its class, normalised so that the
-weights of the classes average 1. `build_loss` then needs ``class_counts``.
+weights of the classes average 1. Any program may also carry ``logitAdjust: a`` (logit adjustment, Menon et
+al., ICLR 2021): the loss sees the logits plus ``a log pi``, ``pi_c = n_c / sum n`` the training split's class
+priors, i.e. ``l_j + a log pi_j`` for every class j (after the scale s and the target transform t; centred so
+that the shifts average 0, which softmax ignores). ``a = 0`` is the program itself; for cross-entropy ``a = 1``
+is Bayes-consistent for the balanced error. The network's own logits (at test time) are not shifted. Both need
+``class_counts`` in `build_loss`.
 
 Numerics of ``tau`` (piecewise). Every piece is classified once, when the module is built:
 
@@ -148,6 +153,8 @@ class _TargetLossFn(torch.autograd.Function):
         else:
             tl, t_slope = loss.target_logit(z.gather(1, y))
             logits = (z * s).scatter_(1, y, tl) if s != 1.0 else z.scatter(1, y, tl)
+        if loss.shift is not None:  # logit adjustment: the softmax below is of the shifted logits
+            logits = logits + loss.shift.to(logits.dtype)
         logp_all = torch.log_softmax(logits, 1)
         logp = logp_all.gather(1, y)
         pm1 = torch.expm1(logp)  # p - 1
@@ -188,11 +195,13 @@ class _TargetLoss(nn.Module):
 
     t_knots: Tensor | None
     t_tab: Tensor | None
+    shift: Tensor | None
 
     def __init__(
         self, head: str, scale: float, reduction: str, t: tuple[float, float, list[float], list[float]] | None
     ) -> None:
         super().__init__()
+        self.register_buffer("shift", None, persistent=False)
         self.head, self.reduction = head, reduction
         self.scale = float(scale) if head == "cosine" else 1.0
         self._mean = reduction == "mean"
@@ -386,6 +395,11 @@ class CosFaceLoss(_TargetLoss):
 # --- the other presets: plain autograd --------------------------------------------------------------
 
 
+def _shifted(logits: Tensor, shift: Tensor | None) -> Tensor:
+    """The logits plus the logit adjustment's per-class shift (None: none)."""
+    return logits if shift is None else logits + shift.to(device=logits.device, dtype=logits.dtype)
+
+
 def _reduce(rows: Tensor, z: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return torch.add(rows.mean(), z.sum(), alpha=0.0)
@@ -396,15 +410,19 @@ class SoftmaxLoss(nn.Module):
     """Cross-entropy on ``s z`` with label smoothing eps:
     ``L = -(1 - eps) log p_y - eps/C sum_j log p_j`` (``F.cross_entropy``)."""
 
+    shift: Tensor | None
+
     def __init__(self, head: str, scale: float, label_smoothing: float, reduction: str = "mean") -> None:
         super().__init__()
+        self.register_buffer("shift", None, persistent=False)
         self.scale = float(scale) if head == "cosine" else 1.0
         self.label_smoothing, self.reduction = label_smoothing, reduction
 
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         _check_inputs(outputs, target)
         z = outputs.double() if outputs.dtype == torch.float64 else outputs.float()
-        rows = F.cross_entropy(z * self.scale, target.long(), reduction="none", label_smoothing=self.label_smoothing)
+        logits = _shifted(z * self.scale, self.shift)
+        rows = F.cross_entropy(logits, target.long(), reduction="none", label_smoothing=self.label_smoothing)
         return _reduce(rows, z, self.reduction)
 
 
@@ -419,8 +437,11 @@ class ArcFaceLoss(nn.Module):
     ``|cos| = 1`` (a change of at most 1e-6 sin m in phi).
     """
 
+    shift: Tensor | None
+
     def __init__(self, scale: float, margin: float, reduction: str = "mean") -> None:
         super().__init__()
+        self.register_buffer("shift", None, persistent=False)
         self.scale, self.margin, self.reduction = float(scale), margin, reduction
         self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
         self.th, self.mm = math.cos(math.pi - margin), math.sin(math.pi - margin) * margin
@@ -433,7 +454,7 @@ class ArcFaceLoss(nn.Module):
         sin = (1.0 - cos * cos).clamp(1e-12, 1.0).sqrt()
         phi = cos * self.cos_m - sin * self.sin_m
         phi = torch.where(cos > self.th, phi, cos - self.mm)
-        logits = (z * self.scale).scatter(1, y, phi * self.scale)
+        logits = _shifted((z * self.scale).scatter(1, y, phi * self.scale), self.shift)
         rows = -torch.log_softmax(logits, 1).gather(1, y).squeeze(1)
         return _reduce(rows, z, self.reduction)
 
@@ -445,15 +466,20 @@ class FocalLoss(nn.Module):
     ``gamma < 1`` (the loss there is 0 either way).
     """
 
+    shift: Tensor | None
+
     def __init__(self, head: str, scale: float, gamma: float, reduction: str = "mean") -> None:
         super().__init__()
+        self.register_buffer("shift", None, persistent=False)
         self.scale = float(scale) if head == "cosine" else 1.0
         self.gamma, self.reduction = gamma, reduction
 
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         _check_inputs(outputs, target)
         z = outputs.double() if outputs.dtype == torch.float64 else outputs.float()
-        logp = torch.log_softmax(z * self.scale, 1).gather(1, target.long().view(-1, 1)).squeeze(1)
+        logp = (
+            torch.log_softmax(_shifted(z * self.scale, self.shift), 1).gather(1, target.long().view(-1, 1)).squeeze(1)
+        )
         weight = (-torch.expm1(logp)).clamp_min(1e-30).pow(self.gamma)
         return _reduce(-weight * logp, z, self.reduction)
 
@@ -467,8 +493,11 @@ class TargetProbabilityLoss(nn.Module):
     poly1  -log p + epsilon (1 - p)
     """
 
+    shift: Tensor | None
+
     def __init__(self, name: str, head: str, scale: float, params: dict[str, float], reduction: str = "mean") -> None:
         super().__init__()
+        self.register_buffer("shift", None, persistent=False)
         self.name, self.params = name, params
         self.scale = float(scale) if head == "cosine" else 1.0
         self.reduction = reduction
@@ -476,7 +505,9 @@ class TargetProbabilityLoss(nn.Module):
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         _check_inputs(outputs, target)
         z = outputs.double() if outputs.dtype == torch.float64 else outputs.float()
-        logp = torch.log_softmax(z * self.scale, 1).gather(1, target.long().view(-1, 1)).squeeze(1)
+        logp = (
+            torch.log_softmax(_shifted(z * self.scale, self.shift), 1).gather(1, target.long().view(-1, 1)).squeeze(1)
+        )
         one_minus_p = -torch.expm1(logp)
         k = self.params
         if self.name == "gce":
@@ -498,6 +529,14 @@ def class_balanced_weights(counts: Sequence[int], beta: float) -> list[float]:
     raw = [top if math.isnan(w) else w for w in raw]
     mean = sum(raw) / len(raw)
     return [w / mean for w in raw]
+
+
+def logit_adjustment(counts: Sequence[int], a: float) -> list[float]:
+    """The per-class shifts ``a log pi_c`` (``pi_c = n_c / sum n``), centred to mean 0 (softmax ignores a common
+    shift). A class without training examples counts as one (its prior is finite and the smallest)."""
+    logs = [math.log(max(n, 1)) for n in counts]
+    mean = sum(logs) / len(logs)
+    return [a * (v - mean) for v in logs]
 
 
 class ClassBalanced(nn.Module):
@@ -569,7 +608,7 @@ def build_loss(
     """The loss of a program: ``module(outputs, target)`` -> float32 (float64 for float64 outputs) loss.
 
     ``reduction="mean"`` (default) gives the batch mean, ``"none"`` the per-row losses. ``class_counts``
-    (training examples per class) is needed by programs with ``classBalance``.
+    (training examples per class) is needed by programs with ``classBalance`` or ``logitAdjust``.
     ValueError, naming the field, for an unknown kind or a malformed program.
     """
     if isinstance(program, dict) and "classBalance" in program:
@@ -578,8 +617,27 @@ def build_loss(
             raise ValueError(f"program.classBalance: must be in [0, 1), got {beta}")
         if class_counts is None:
             raise ValueError("program.classBalance: needs the training split's class counts (class_counts)")
-        inner = build_loss({k: v for k, v in program.items() if k != "classBalance"}, head, scale, reduction="none")
+        inner = build_loss(
+            {k: v for k, v in program.items() if k != "classBalance"},
+            head,
+            scale,
+            reduction="none",
+            class_counts=class_counts,
+        )
         return ClassBalanced(inner, class_balanced_weights(class_counts, beta), reduction)
+    if isinstance(program, dict) and "logitAdjust" in program:
+        a = _number(program["logitAdjust"], "program.logitAdjust")
+        module = build_loss({k: v for k, v in program.items() if k != "logitAdjust"}, head, scale, reduction=reduction)
+        if a == 0.0:
+            return module
+        if class_counts is None:
+            raise ValueError("program.logitAdjust: needs the training split's class counts (class_counts)")
+        if not hasattr(module, "shift"):
+            raise ValueError("program.logitAdjust: not supported by this loss")
+        module.shift = torch.tensor(logit_adjustment(class_counts, a), dtype=torch.float64).view(1, -1)
+        if isinstance(module, _TargetLoss):
+            module._track_device()
+        return module
     if head not in HEADS:
         raise ValueError(f"head: expected one of {', '.join(HEADS)}, got {head!r}")
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale > 0):

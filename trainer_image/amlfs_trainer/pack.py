@@ -204,12 +204,13 @@ def _report(gauges: MemberGauges | None, wl: float, n: int, steps: int, start: S
     return now
 
 
-Score = tuple[float, float, float]  # accuracy, mean cross-entropy, balanced accuracy (mean per-class recall)
+# accuracy, mean cross-entropy, balanced accuracy (mean per-class recall), balanced cross-entropy (mean per class)
+Score = tuple[float, float, float, float]
 
 
 def evaluate(start: Start, split: str) -> Score:
-    """(accuracy, mean cross-entropy, balanced accuracy) of the model on a split, in float32. For a cosine head
-    the CE is computed on scale * cosine."""
+    """(accuracy, mean cross-entropy, balanced accuracy, balanced cross-entropy) of the model on a split, in
+    float32. For a cosine head the CE is computed on scale * cosine."""
     return evaluate_model(start.model, start.data, split, start.eval_batch_size, start.logit_scale)
 
 
@@ -221,23 +222,30 @@ def evaluate_model(model: nn.Module, data: TaskData, split: str, batch_size: int
     with exact_fp32(device):
         hits = torch.zeros(c, device=device, dtype=torch.long)
         counts = torch.zeros(c, device=device, dtype=torch.long)
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros(c, device=device)
         for x, y in data.eval_batches(split, batch_size):
             out = model(x).float() * logit_scale
             hits += torch.bincount(y[out.argmax(1) == y], minlength=c)
             counts += torch.bincount(y, minlength=c)
-            loss_sum += F.cross_entropy(out, y, reduction="sum")
+            loss_sum.scatter_add_(0, y, F.cross_entropy(out, y, reduction="none"))
     return _score(hits[None], counts, loss_sum[None])[0]
 
 
 def _score(hits: Tensor, counts: Tensor, loss_sum: Tensor) -> list[Score]:
-    """Per member scores from its per-class hits (k, C), the split's class counts (C,) and summed losses (k,)."""
+    """Per member scores from its per-class hits (k, C), the split's class counts (C,) and per-class summed
+    losses (k, C)."""
     n = int(counts.sum())
     if n == 0:
-        return [(math.nan, math.nan, math.nan)] * hits.shape[0]
+        return [(math.nan, math.nan, math.nan, math.nan)] * hits.shape[0]
     present = counts > 0  # a class absent from the split has no recall: it does not count
     recall = (hits[:, present].double() / counts[present].double()).mean(1)
-    return [(h / n, v / n, r) for h, v, r in zip(hits.sum(1).tolist(), loss_sum.tolist(), recall.tolist(), strict=True)]
+    class_loss = (loss_sum[:, present].double() / counts[present].double()).mean(1)
+    return [
+        (h / n, v / n, r, b)
+        for h, v, r, b in zip(
+            hits.sum(1).tolist(), loss_sum.double().sum(1).tolist(), recall.tolist(), class_loss.tolist(), strict=True
+        )
+    ]
 
 
 def classification_metrics(val: Score, test: Score) -> dict[str, float]:
@@ -245,9 +253,11 @@ def classification_metrics(val: Score, test: Score) -> dict[str, float]:
         "valAccuracy": val[0],
         "valLoss": val[1],
         "valBalancedAccuracy": val[2],
+        "valBalancedLoss": val[3],
         "testAccuracy": test[0],
         "testLoss": test[1],
         "testBalancedAccuracy": test[2],
+        "testBalancedLoss": test[3],
     }
 
 
@@ -411,10 +421,11 @@ def _evaluate_stack(stack: _Stack, split: str) -> list[Score]:
     with exact_fp32(start.device):
         hits = torch.zeros(k, c, device=start.device, dtype=torch.long)
         counts = torch.zeros(c, device=start.device, dtype=torch.long)
-        loss_sum = torch.zeros(k, device=start.device)
+        loss_sum = torch.zeros(k, c, device=start.device)
         for x, y in start.data.eval_batches(split, start.eval_batch_size):
             out = stack.forward_shared(stack.params, stack.buffers, x).float() * start.logit_scale  # (k, B, C)
             hits.scatter_add_(1, y.expand(k, -1), (out.argmax(2) == y).long())
             counts += torch.bincount(y, minlength=c)
-            loss_sum += F.cross_entropy(out.flatten(0, 1), y.repeat(k), reduction="none").view(k, -1).sum(1)
+            rows = F.cross_entropy(out.flatten(0, 1), y.repeat(k), reduction="none").view(k, -1)
+            loss_sum.scatter_add_(1, y.expand(k, -1), rows)
     return _score(hits, counts, loss_sum)

@@ -229,7 +229,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _criterion(m: MemberJob, spec: LossSearchSpec, data: TaskData, device: torch.device) -> torch.nn.Module:
     try:
-        counts = class_counts(data) if "classBalance" in m.program else None
+        counts = class_counts(data) if "classBalance" in m.program or "logitAdjust" in m.program else None
         return build_loss(m.program, spec.model.head, spec.model.scale, class_counts=counts).to(device)
     except ValueError as exc:
         raise ConfigError(f"sample {m.sample}: its loss program is invalid ({exc})") from None

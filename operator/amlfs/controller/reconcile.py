@@ -231,7 +231,7 @@ class Reconciler:
             return PassResult(self.settings.interval, written=self._degrade(body, "InvalidSpec", msg))
         raw = body.get("status") or {}
         old = LossSearchStatus.model_validate(raw) if raw.get("mu") else None
-        p = Pass(namespace, name, body, spec, old, seen_at=seen_at)
+        p = Pass(namespace, name, body, core.spec_as_begun(spec, old), old, seen_at=seen_at)
         # the operator's own S3 calls for this search (results, promotions, history) go where its pods write:
         # spec.storage.endpoint when set, with the operator's credentials
         with storage.using_endpoint(spec.storage.endpoint):

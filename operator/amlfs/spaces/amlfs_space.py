@@ -21,6 +21,12 @@ Three parameterisations of the same functions:
   examples are ignored; samples with w <= 0 are plain cross-entropy, so a search whose mu drifts below 0 (clean
   data: the floor slows learning) mostly samples cross-entropy. Identity is theta = 0.
 
+  With search.priorAdjustment (the default), theta = [d_0 .. d_M, w, c], M+3 numbers: c is the strength of a
+  logit adjustment (Menon et al., ICLR 2021), a = PRIOR_SCALE max(c, 0) (at most PRIOR_MAX): the loss sees the
+  logits plus a log pi, pi the training split's class priors (the program's ``logitAdjust``). a = 0 is the loss
+  without it; a = 1 makes cross-entropy Bayes-consistent for the balanced error. On balanced training data
+  log pi is constant and c changes nothing.
+
   Two simpler forms collapsed training on mnist1d and are not used. Slopes of t integrated from the left end
   of its domain turn small slope noise into logit shifts of several units in the middle of the domain
   (measured: 52% test accuracy vs 83% for best-of-4 selection with cross-entropy). A free offset tau(0) that
@@ -91,6 +97,19 @@ def w_of_floor(tau0: float) -> float:
     return min(max(tau0, 0.0), FLOOR_MAX) / FLOOR_SCALE
 
 
+PRIOR_SCALE = 2.0  # logit-adjustment strength a per unit of c: sigma = 0.2 explores a by +-0.4, muBound 1 reaches 2
+PRIOR_MAX = 4.0
+
+
+def prior_of(c: float) -> float:
+    """The logit-adjustment strength a of the coordinate c: PRIOR_SCALE c, clipped to [0, PRIOR_MAX]."""
+    return min(max(PRIOR_SCALE * c, 0.0), PRIOR_MAX)
+
+
+def c_of_prior(a: float) -> float:
+    return min(max(a, 0.0), PRIOR_MAX) / PRIOR_SCALE
+
+
 def _bounded_tau(w: float, m: int) -> tuple[list[float], list[float]]:
     """Per-piece (a, b) of tau(p) = tau0 + (1 - tau0) p on M pieces of [0, 1]."""
     tau0 = floor_of(w)
@@ -102,7 +121,7 @@ class AmlfsSpace(Space):
 
     def dim(self, cfg: SpaceConfig) -> int:
         m = cfg.intervals
-        return {"paper": 4 * m, "bounded": m + 2}.get(cfg.parameterization, 2 * m + 1)
+        return {"paper": 4 * m, "bounded": m + 2 + cfg.prior_adjustment}.get(cfg.parameterization, 2 * m + 1)
 
     def identity(self, cfg: SpaceConfig) -> list[float]:
         m = cfg.intervals
@@ -116,7 +135,7 @@ class AmlfsSpace(Space):
             return [f"{g}_{k}" for g in ("a_t", "b_t", "a_tau", "b_tau") for k in m]
         t_names = [f"d_t_{k}" for k in range(cfg.intervals + 1)]
         if cfg.parameterization == "bounded":
-            return [*t_names, "floor"]
+            return [*t_names, "floor", *(["logit_adjust"] if cfg.prior_adjustment else [])]
         return t_names + [f"u_tau_{k}" for k in m]
 
     def from_preset(self, init: InitSpec, cfg: SpaceConfig) -> list[float]:
@@ -134,7 +153,8 @@ class AmlfsSpace(Space):
             return at + bt + ap + bp
         d = [(ty - x) * cfg.logit_scale for ty, x in zip(tys, txs, strict=True)]
         if par == "bounded":  # tau(0) exactly; in between, linear (gce and mae are approximated)
-            return [*d, w_of_floor(pys[0] / pys[-1])]
+            prior = [c_of_prior(init.logit_adjustment)] if cfg.prior_adjustment else []
+            return [*d, w_of_floor(pys[0] / pys[-1]), *prior]
         up = [math.log(max((pys[k + 1] - pys[k]) * m, MIN_SLOPE)) for k in range(m)]
         return [*d, *up]
 
@@ -153,8 +173,11 @@ class AmlfsSpace(Space):
         else:
             at, bt = _monotone_t(list(theta[: m + 1]), cfg)
             ap, bp = _monotone_tau(list(theta[m + 1 :]))
-        return {
+        program: Program = {
             "kind": "piecewise",
             "t": {"lo": cfg.t_lo, "hi": cfg.t_hi, "a": at, "b": bt},
             "tau": {"lo": 0.0, "hi": 1.0, "a": ap, "b": bp},
         }
+        if cfg.parameterization == "bounded" and cfg.prior_adjustment:
+            program["logitAdjust"] = prior_of(theta[m + 2])  # also when 0: the search owns it
+        return program

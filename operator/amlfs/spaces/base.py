@@ -21,13 +21,15 @@ class SpaceConfig:
     t_lo: float = -1.0
     t_hi: float = 1.0
     logit_scale: float = 1.0  # logits per unit of t's input: the cosine head's scale s, 1 for linear heads
+    prior_adjustment: bool = False  # bounded: one more coordinate, the strength of the logit adjustment
 
     @classmethod
     def from_spec(cls, spec: LossSearchSpec) -> SpaceConfig:
+        s = spec.search
+        prior = s.space == "amlfs" and s.parameterization == "bounded" and s.prior_adjustment
         if spec.model.head == "cosine":
-            return cls(spec.search.intervals, spec.search.parameterization, -1.0, 1.0, spec.model.scale)
-        r = spec.search.logit_range
-        return cls(spec.search.intervals, spec.search.parameterization, -r, r, 1.0)
+            return cls(s.intervals, s.parameterization, -1.0, 1.0, spec.model.scale, prior)
+        return cls(s.intervals, s.parameterization, -s.logit_range, s.logit_range, 1.0, prior)
 
 
 class Space(ABC):
@@ -81,8 +83,13 @@ def preset_program(init: InitSpec, label_smoothing: float = 0.0) -> Program:
 
 
 def with_class_balance(program: Program, init: InitSpec) -> Program:
-    """The program with the init's class-balanced weighting attached (any kind of program)."""
-    return program | {"classBalance": init.class_balance} if init.class_balance > 0 else program
+    """The program with the init's class-balanced weighting and its fixed logit adjustment attached (any kind of
+    program). A program that carries its own (searched) logitAdjust keeps it."""
+    if init.class_balance > 0:
+        program = program | {"classBalance": init.class_balance}
+    if init.logit_adjustment > 0 and "logitAdjust" not in program:
+        program = program | {"logitAdjust": init.logit_adjustment}
+    return program
 
 
 # --- preset target functions, used for warm starts ------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -27,5 +28,9 @@ class Classification(Task):
 
     def reward(self, spec: LossSearchSpec, metrics: dict[str, float]) -> float:
         return reinforce.reward_value(
-            spec.search.reward, metrics["valAccuracy"], metrics["valLoss"], metrics["valBalancedAccuracy"]
+            spec.search.reward,
+            metrics["valAccuracy"],
+            metrics["valLoss"],
+            metrics["valBalancedAccuracy"],
+            metrics.get("valBalancedLoss", math.nan),
         )

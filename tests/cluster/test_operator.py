@@ -255,6 +255,15 @@ def test_full_search_from_kubectl_apply(cluster, reference, s3_server, monitorin
     # printer columns
     out = cluster.kubectl("get", "losssearch", name, "-n", ns).stdout
     assert "Succeeded" in out and "3" in out
+    # `amlfs report` from the storage root alone (no cluster access) says what the status says
+    cli = [sys.executable, "-c", "import sys; from amlfs.cli import main; sys.exit(main())"]
+    env = dict(os.environ, **s3_server.env())
+    rep = subprocess.run([*cli, "report", "--json", st["storageRoot"]], env=env, capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr
+    got = json.loads(rep.stdout)
+    assert got["phase"] == "Succeeded" and got["epochs"] == 3 and got["plannedEpochs"] == 3
+    assert got["best"]["reward"] == st["best"]["reward"] and got["best"]["checkpoint"] == st["best"]["checkpoint"]
+    assert got["mu"] == st["mu"] and [h["bestReward"] for h in got["history"]] == [h["bestReward"] for h in hist]
 
 
 def test_operator_killed_at_random_points_reaches_the_same_result(

@@ -101,6 +101,13 @@ class Cluster:
         res = self.rec.reconcile("ns", "s", self.pods, first=False, known=self.custom.body)
         return res, self.custom.body.get("status") or {}
 
+    def finish_epoch_0(self, root: str) -> None:
+        """Both samples of epoch 0 finished: checkpoint and result.json written, pods Succeeded."""
+        for i in (0, 1):
+            storage.write_bytes(f"{root}/epoch-0000/sample-0{i}/checkpoint.pt", b"w")
+            storage.write_json(f"{root}/epoch-0000/sample-0{i}/result.json", {"status": "ok"})
+            self.pod(f"s-e0-s{i}", "Succeeded", **failed(0, T0))
+
     def pod(self, name: str, phase: str, owner: str = "uid-2", created: float = T0, **status: Any) -> None:
         epoch, unit = name.split("-")[1:3]
         self.pods[name] = {
@@ -283,11 +290,7 @@ def test_a_closed_epochs_pushgateway_groups_stay_until_scraped_then_go(tmp_path)
     rewards.delete = lambda ns, name, e, s: deleted.append((e, s))  # type: ignore[attr-defined]
     rewards.snapshot = lambda *a: None  # type: ignore[attr-defined]
     c.reconcile()
-    root = c.custom.body["status"]["storageRoot"]
-    for i in (0, 1):
-        storage.write_bytes(f"{root}/epoch-0000/sample-0{i}/checkpoint.pt", b"w")
-        storage.write_json(f"{root}/epoch-0000/sample-0{i}/result.json", {"status": "ok"})
-        c.pod(f"s-e0-s{i}", "Succeeded", **failed(0, T0))
+    c.finish_epoch_0(c.custom.body["status"]["storageRoot"])
     c.now = T0 + 1
     res, st = c.reconcile()
     assert st["epoch"] == 1 and deleted == []  # closed, but not yet scraped for sure
@@ -344,10 +347,7 @@ def test_a_search_begun_before_prior_adjustment_keeps_its_space_when_the_crd_def
     dim = len(st["mu"])
     assert dim == 6 + 2 and all(len(x["theta"]) == dim for x in st["samples"])
     c.custom.body["spec"]["search"]["priorAdjustment"] = True  # what the upgraded CRD's default says
-    for i in (0, 1):
-        storage.write_bytes(f"{st['storageRoot']}/epoch-0000/sample-0{i}/checkpoint.pt", b"w")
-        storage.write_json(f"{st['storageRoot']}/epoch-0000/sample-0{i}/result.json", {"status": "ok"})
-        c.pod(f"s-e0-s{i}", "Succeeded", **failed(0, T0))
+    c.finish_epoch_0(st["storageRoot"])
     c.now = T0 + 1
     _, st = c.reconcile()
     assert st["epoch"] == 1 and len(st["mu"]) == dim and st.get("reason", "") == "", st.get("message")

@@ -310,6 +310,8 @@ def test_transition_rules_freeze_the_search_space(cluster, namespace, losssearch
         ({"search": {"reward": "neg-val-loss"}}, "spec.search.reward is immutable"),
         ({"search": {"antithetic": False}}, "spec.search.antithetic is immutable"),
         ({"search": {"commonRandomNumbers": False}}, "spec.search.commonRandomNumbers is immutable"),
+        ({"search": {"priorAdjustment": False}}, "spec.search.priorAdjustment is immutable"),
+        ({"optimizer": {"name": "adamw"}}, "spec.optimizer.name is immutable"),
     ]
     # every field the runner refuses on resume is one of these (both read the markers in spec.py)
     assert {f"spec.{p}" for p in immutable_paths()} == {m.split(" is immutable")[0] for _, m in frozen}
@@ -328,6 +330,7 @@ def test_transition_rules_freeze_the_search_space(cluster, namespace, losssearch
         {"trainer": {"image": "amlfs-trainer:0.2.0"}},
         {"search": {"maxRetries": 5}},
         {"search": {"sigma": 0.1}},
+        {"optimizer": {"lr": 0.05, "momentum": 0.8}},
     ):
         r = patch(cluster, namespace, "live", {"spec": change})
         assert r.returncode == 0, f"{change}: {r.stderr}"

@@ -86,6 +86,15 @@ class Operator:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def finish(self) -> None:
+        """Delete the namespace's searches while the operator still runs, then stop it: stopped first, its
+        finalizer would keep them, and the namespace, Terminating (the namespace controller then lists its pods
+        over and over)."""
+        self.cluster.kubectl(
+            "delete", "losssearch", "--all", "-n", self.namespace, "--wait=true", "--timeout=60s", check=False
+        )
+        self.stop()
+
     def log(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.logdir.glob("operator-*.log")))
 
@@ -351,12 +360,6 @@ def test_deleting_a_running_search_removes_its_pods(cluster, crd, monitoring, s3
         op.stop()
 
 
-def delete_searches(cluster, namespace: str) -> None:
-    """Delete the namespace's searches while the operator still runs: its finalizer would otherwise keep them,
-    and the namespace, Terminating (the namespace controller then lists its pods over and over)."""
-    cluster.kubectl("delete", "losssearch", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
-
-
 def packed(reference, k: int) -> dict:
     doc = json.loads(json.dumps(reference["doc"]))
     doc["spec"]["trainer"]["samplesPerPod"] = k
@@ -386,9 +389,8 @@ def test_one_pod_per_epoch_packs_every_sample(cluster, reference, monitoring, s3
         obj = wait_phase(cluster, namespace, name, op=op)
         time.sleep(3)
     finally:
-        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
         watch.stop()
-        op.stop()
+        op.finish()
     assert_same_search(s3_server, obj, reference["obj"])
     assert sorted(watch.added) == [f"{name}-e{e}-p0" for e in range(3)]
     assert all(len(uids) == 1 for uids in watch.added.values())
@@ -419,9 +421,8 @@ def test_packs_not_dividing_b_survive_operator_kills_and_a_failed_pack(
         obj = wait_phase(cluster, namespace, name, op=op)
         time.sleep(3)
     finally:
-        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
         watch.stop()
-        op.stop()
+        op.finish()
     assert kills >= 2, "the search reached its last epoch before the operator was killed enough times"
     assert_same_search(s3_server, obj, reference["obj"])
     pods = sorted(watch.added)
@@ -447,8 +448,7 @@ def test_a_retrieval_search_runs_on_the_cluster_rewarded_by_map(
         apply(cluster, namespace, doc)
         obj = wait_phase(cluster, namespace, "reid", op=op)
     finally:
-        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
-        op.stop()
+        op.finish()
     st = obj["status"]
     assert st["phase"] == "Succeeded", (st.get("message"), op.log())
     assert st["rewardMetric"] == "mAP" and st["epoch"] == 2
@@ -475,8 +475,7 @@ def test_a_deleted_and_recreated_search_starts_fresh(cluster, crd, monitoring, s
         apply(cluster, namespace, second)  # at once: the first one's pods may not be collected yet
         new = wait_phase(cluster, namespace, "again", op=op)
     finally:
-        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
-        op.stop()
+        op.finish()
     st = new["status"]
     assert st["phase"] == "Succeeded", (st.get("message"), op.log())
     assert new["metadata"]["uid"] != old["metadata"]["uid"]
@@ -504,8 +503,7 @@ def never_starting(cluster, namespace: str, op: Operator, doc: dict) -> tuple[di
         assert degraded.get("reason") == "TrainerNotStarting", (degraded, op.log())
         obj = wait_phase(cluster, namespace, name, timeout=120, op=op)
     finally:
-        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
-        op.stop()
+        op.finish()
     assert obj["status"]["phase"] == "Failed" and obj["status"]["reason"] == "TooFewRewards"
     return degraded, obj
 
@@ -567,8 +565,7 @@ def run_through_outage(
             time.sleep(seconds)
         obj = wait_phase(cluster, namespace, name, op=op)
     finally:
-        delete_searches(cluster, namespace)  # while the operator runs: its finalizer
-        op.stop()
+        op.finish()
     assert_same_search(s3_server, obj, reference["obj"])
     assert all(s == "Succeeded" for h in history(s3_server, obj) for s in h["states"])
     events = cluster.kubectl_json("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
@@ -689,6 +686,5 @@ def test_a_30s_scrape_sees_every_sample_reward(cluster, crd, monitoring, s3_serv
         query = f'max_over_time(amlfs_sample_reward{{namespace="{namespace}", search="{name}"}}[1h])'
         prom.wait_for(query, timeout=75, predicate=every_sample)  # the last epoch's: within a scrape or two
     finally:
-        delete_searches(cluster, namespace)
-        op.stop()
+        op.finish()
         prom.stop()

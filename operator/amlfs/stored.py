@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from amlfs import storage
-from amlfs.contract import RESULT, ConfigError
+from amlfs.contract import CHECKPOINT, RESULT, ConfigError
 from amlfs.core import Layout, initial_mu
 from amlfs.spec import LossSearchSpec, SpecError, as_begun, explain
 from amlfs.status import Best, LossSearchStatus
@@ -131,7 +131,7 @@ def implied_status(
                 epoch=r["epoch"],
                 sample=r["best"],
                 reward=r["bestReward"],
-                checkpoint=f"{lay.best}/checkpoint.pt",
+                checkpoint=f"{lay.best}/{CHECKPOINT}",
                 sha256=r.get("sha256", ""),
             )
     done = final is not None and final.get("epochs") == epoch

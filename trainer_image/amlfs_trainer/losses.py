@@ -153,8 +153,7 @@ class _TargetLossFn(torch.autograd.Function):
         else:
             tl, t_slope = loss.target_logit(z.gather(1, y))
             logits = (z * s).scatter_(1, y, tl) if s != 1.0 else z.scatter(1, y, tl)
-        if loss.shift is not None:  # logit adjustment: the softmax below is of the shifted logits
-            logits = logits + loss.shift.to(logits.dtype)
+        logits = loss.shifted(logits)  # logit adjustment: the softmax below is of the shifted logits
         logp_all = torch.log_softmax(logits, 1)
         logp = logp_all.gather(1, y)
         pm1 = torch.expm1(logp)  # p - 1
@@ -186,7 +185,22 @@ class _TargetLossFn(torch.autograd.Function):
         return (grad if grad.dtype == ctx.in_dtype else grad.to(ctx.in_dtype)), None, None, None
 
 
-class _TargetLoss(nn.Module):
+class _LogitLoss(nn.Module):
+    """Base of every loss on logits: holds the logit adjustment's per-class shift (None: none; set by
+    `build_loss` for a program with ``logitAdjust``)."""
+
+    shift: Tensor | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift", None, persistent=False)
+
+    def shifted(self, logits: Tensor) -> Tensor:
+        """The logits plus the shift."""
+        return logits if self.shift is None else logits + self.shift.to(device=logits.device, dtype=logits.dtype)
+
+
+class _TargetLoss(_LogitLoss):
     """Base of the fast kinds. Subclasses fill their tau buffers and implement `log_tau`.
 
     Buffers: ``t_knots`` (M-1 interior knots of t, None when M = 1) and ``t_tab`` (columns: slope and
@@ -195,13 +209,11 @@ class _TargetLoss(nn.Module):
 
     t_knots: Tensor | None
     t_tab: Tensor | None
-    shift: Tensor | None
 
     def __init__(
         self, head: str, scale: float, reduction: str, t: tuple[float, float, list[float], list[float]] | None
     ) -> None:
         super().__init__()
-        self.register_buffer("shift", None, persistent=False)
         self.head, self.reduction = head, reduction
         self.scale = float(scale) if head == "cosine" else 1.0
         self._mean = reduction == "mean"
@@ -395,38 +407,30 @@ class CosFaceLoss(_TargetLoss):
 # --- the other presets: plain autograd --------------------------------------------------------------
 
 
-def _shifted(logits: Tensor, shift: Tensor | None) -> Tensor:
-    """The logits plus the logit adjustment's per-class shift (None: none)."""
-    return logits if shift is None else logits + shift.to(device=logits.device, dtype=logits.dtype)
-
-
 def _reduce(rows: Tensor, z: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return torch.add(rows.mean(), z.sum(), alpha=0.0)
     return torch.add(rows, z.sum(1), alpha=0.0)
 
 
-class SoftmaxLoss(nn.Module):
+class SoftmaxLoss(_LogitLoss):
     """Cross-entropy on ``s z`` with label smoothing eps:
     ``L = -(1 - eps) log p_y - eps/C sum_j log p_j`` (``F.cross_entropy``)."""
 
-    shift: Tensor | None
-
     def __init__(self, head: str, scale: float, label_smoothing: float, reduction: str = "mean") -> None:
         super().__init__()
-        self.register_buffer("shift", None, persistent=False)
         self.scale = float(scale) if head == "cosine" else 1.0
         self.label_smoothing, self.reduction = label_smoothing, reduction
 
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         _check_inputs(outputs, target)
         z = outputs.double() if outputs.dtype == torch.float64 else outputs.float()
-        logits = _shifted(z * self.scale, self.shift)
+        logits = self.shifted(z * self.scale)
         rows = F.cross_entropy(logits, target.long(), reduction="none", label_smoothing=self.label_smoothing)
         return _reduce(rows, z, self.reduction)
 
 
-class ArcFaceLoss(nn.Module):
+class ArcFaceLoss(_LogitLoss):
     """ArcFace (Deng et al., CVPR 2019), the insightface form (``easy_margin=False``)::
 
         phi = cos_y cos m - sin_y sin m              (= cos(theta_y + m)), sin_y = sqrt(1 - cos_y^2)
@@ -437,11 +441,8 @@ class ArcFaceLoss(nn.Module):
     ``|cos| = 1`` (a change of at most 1e-6 sin m in phi).
     """
 
-    shift: Tensor | None
-
     def __init__(self, scale: float, margin: float, reduction: str = "mean") -> None:
         super().__init__()
-        self.register_buffer("shift", None, persistent=False)
         self.scale, self.margin, self.reduction = float(scale), margin, reduction
         self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
         self.th, self.mm = math.cos(math.pi - margin), math.sin(math.pi - margin) * margin
@@ -454,37 +455,32 @@ class ArcFaceLoss(nn.Module):
         sin = (1.0 - cos * cos).clamp(1e-12, 1.0).sqrt()
         phi = cos * self.cos_m - sin * self.sin_m
         phi = torch.where(cos > self.th, phi, cos - self.mm)
-        logits = _shifted((z * self.scale).scatter(1, y, phi * self.scale), self.shift)
+        logits = self.shifted((z * self.scale).scatter(1, y, phi * self.scale))
         rows = -torch.log_softmax(logits, 1).gather(1, y).squeeze(1)
         return _reduce(rows, z, self.reduction)
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(_LogitLoss):
     """Focal loss (Lin et al., ICCV 2017): ``L = -(1 - p_y)^gamma log p_y`` on ``s z``.
 
     ``1 - p = -expm1(log p)`` is clamped at 1e-30 so that the gradient stays finite at ``p = 1`` for
     ``gamma < 1`` (the loss there is 0 either way).
     """
 
-    shift: Tensor | None
-
     def __init__(self, head: str, scale: float, gamma: float, reduction: str = "mean") -> None:
         super().__init__()
-        self.register_buffer("shift", None, persistent=False)
         self.scale = float(scale) if head == "cosine" else 1.0
         self.gamma, self.reduction = gamma, reduction
 
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         _check_inputs(outputs, target)
         z = outputs.double() if outputs.dtype == torch.float64 else outputs.float()
-        logp = (
-            torch.log_softmax(_shifted(z * self.scale, self.shift), 1).gather(1, target.long().view(-1, 1)).squeeze(1)
-        )
+        logp = torch.log_softmax(self.shifted(z * self.scale), 1).gather(1, target.long().view(-1, 1)).squeeze(1)
         weight = (-torch.expm1(logp)).clamp_min(1e-30).pow(self.gamma)
         return _reduce(-weight * logp, z, self.reduction)
 
 
-class TargetProbabilityLoss(nn.Module):
+class TargetProbabilityLoss(_LogitLoss):
     """``L = f(log p_y)`` on ``s z`` for the robust presets (all in terms of ``p = p_y``)::
 
     gce    (1 - p^q) / q                     = -expm1(q log p) / q
@@ -493,11 +489,8 @@ class TargetProbabilityLoss(nn.Module):
     poly1  -log p + epsilon (1 - p)
     """
 
-    shift: Tensor | None
-
     def __init__(self, name: str, head: str, scale: float, params: dict[str, float], reduction: str = "mean") -> None:
         super().__init__()
-        self.register_buffer("shift", None, persistent=False)
         self.name, self.params = name, params
         self.scale = float(scale) if head == "cosine" else 1.0
         self.reduction = reduction
@@ -505,9 +498,7 @@ class TargetProbabilityLoss(nn.Module):
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         _check_inputs(outputs, target)
         z = outputs.double() if outputs.dtype == torch.float64 else outputs.float()
-        logp = (
-            torch.log_softmax(_shifted(z * self.scale, self.shift), 1).gather(1, target.long().view(-1, 1)).squeeze(1)
-        )
+        logp = torch.log_softmax(self.shifted(z * self.scale), 1).gather(1, target.long().view(-1, 1)).squeeze(1)
         one_minus_p = -torch.expm1(logp)
         k = self.params
         if self.name == "gce":
@@ -632,7 +623,7 @@ def build_loss(
             return module
         if class_counts is None:
             raise ValueError("program.logitAdjust: needs the training split's class counts (class_counts)")
-        if not hasattr(module, "shift"):
+        if not isinstance(module, _LogitLoss):
             raise ValueError("program.logitAdjust: not supported by this loss")
         module.shift = torch.tensor(logit_adjustment(class_counts, a), dtype=torch.float64).view(1, -1)
         if isinstance(module, _TargetLoss):

@@ -100,13 +100,15 @@ def test_an_unchanged_status_is_not_written_again():
     body = {"metadata": {"name": "s", "namespace": "ns", "resourceVersion": "7", "generation": 1}}
     status = {"phase": "Running", "epoch": 1, "start": None, "samples": [{"index": 0, "reward": None}]}
     conds = [("Ready", "False", "Running", "Running")]
-    assert rec._patch_status(body, dict(status), conds) == "101"
+    got = rec._patch_status(body, dict(status), conds)
+    assert got is not None and got["metadata"]["resourceVersion"] == "101"
     stored = rec.custom.patches[0]["status"]
     stored = {k: v for k, v in stored.items() if v is not None}  # a merge patch drops nulls
     body["status"], body["metadata"]["resourceVersion"] = stored, "101"
-    assert rec._patch_status(body, dict(status), conds) == ""
+    assert rec._patch_status(body, dict(status), conds) is None
     assert len(rec.custom.patches) == 1
-    assert rec._patch_status(body, dict(status, epoch=2), conds) == "102"
+    got = rec._patch_status(body, dict(status, epoch=2), conds)
+    assert got is not None and got["metadata"]["resourceVersion"] == "102"
 
 
 def test_the_pod_watch_asks_the_server_for_trainer_pods_only():

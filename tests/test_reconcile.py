@@ -353,3 +353,35 @@ def test_a_search_begun_before_prior_adjustment_keeps_its_space_when_the_crd_def
     assert st["epoch"] == 1 and len(st["mu"]) == dim and st.get("reason", "") == "", st.get("message")
     assert all(len(x["theta"]) == dim for x in st["samples"])
     assert len(c.core.created) == 4  # epoch 1's pods
+
+
+def test_a_pass_behind_a_lagging_watch_starts_from_its_own_write_without_a_read(tmp_path):
+    """While the watch still shows the version a pass wrote over, the next pass starts from the resource as the
+    write returned it (no GET); a version nobody here wrote, or a conflict, means a fresh read."""
+    from amlfs.controller.handlers import SearchState, known_body
+
+    c = Cluster(tmp_path, spec(tmp_path))
+    before = c.custom.body
+    state = SearchState()
+    assert known_body(state, before) is None  # nothing written yet: read
+    res = c.rec.reconcile("ns", "s", c.pods, first=True, known=before)
+    assert res.written == c.custom.body["metadata"]["resourceVersion"] != before["metadata"]["resourceVersion"]
+    assert res.read == before["metadata"]["resourceVersion"] and res.body == c.custom.body
+    state.written, state.mine, state.based_on = res.written, res.body, res.read
+    lagging = known_body(state, before)  # the watch has not brought the write yet
+    assert lagging == c.custom.body and lagging is not res.body  # a copy: the pass may change it
+    assert known_body(state, c.custom.body) == c.custom.body  # the watch caught up
+    assert known_body(state, before | {"metadata": before["metadata"] | {"resourceVersion": "99"}}) is None
+    # the pass from the held resource writes over the current version (the stand-in checks the resourceVersion)
+    c.finish_epoch_0(res.body["status"]["storageRoot"])
+    res2 = c.rec.reconcile("ns", "s", c.pods, known=lagging)
+    assert res2.written == c.custom.body["metadata"]["resourceVersion"] and res2.read == res.written
+    assert c.custom.body["status"] != res.body["status"]  # the finished samples are in the status
+    # someone else wrote meanwhile: the write is refused, and whatever is held is stale
+
+    def refuse(*_: Any) -> None:
+        raise ApiException(status=409, reason="Conflict")
+
+    c.custom.patch_namespaced_custom_object_status = refuse  # type: ignore[method-assign]
+    stale = c.rec.reconcile("ns", "s", c.pods, known=res2.body | {"status": res.body["status"]})
+    assert stale.conflict and not stale.written and stale.body is None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Mapping
@@ -43,6 +44,8 @@ class SearchState:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     epoch: int = -1  # its current epoch, as of the last pass
     written: str = ""  # resourceVersion of the status the last pass wrote (its own echo wakes nothing)
+    mine: dict[str, Any] | None = None  # the resource as that write returned it
+    based_on: str = ""  # the resourceVersion that write replaced
     inflight: asyncio.Future[PassResult] | None = None
 
 
@@ -172,6 +175,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def known_body(state: SearchState, body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The resource for the next pass without a fresh read, or None (read it). kopf keeps `body` up to date from
+    the watch: when it is the version our last pass wrote, that is it; when it is still the version that write
+    replaced (the watch has not brought our own write yet, as under load), it is the resource as the write
+    returned it. Any other version is someone else's change: read afresh. A pass that acts on a resource
+    changed meanwhile is refused at its status write (resourceVersion), which drops what is held here."""
+    if not state.written:
+        return None
+    rv = body.get("metadata", {}).get("resourceVersion")
+    if rv == state.written:
+        return _plain(body)
+    if state.mine is not None and rv == state.based_on:
+        return copy.deepcopy(state.mine)
+    return None
+
+
 def search_pods(
     index: kopf.Index[tuple[str, str], dict[str, Any]], namespace: str, name: str
 ) -> dict[str, dict[str, Any]]:
@@ -214,9 +233,7 @@ async def search_daemon(
             state.wake.clear()
             seen_at = time.monotonic()
             pods = search_pods(trainer_pods, namespace, name)
-            # kopf keeps `body` up to date from the watch: when it is the version our last pass wrote, the pass
-            # needs no fresh read (any other version, older or newer, is read afresh)
-            known = _plain(body) if state.written and body.metadata.get("resourceVersion") == state.written else None
+            known = known_body(state, body)
             state.inflight = rt.submit(rt.reconciler.reconcile, namespace, name, pods, seen_at, first, known)
             try:
                 res = await finish(state.inflight)
@@ -226,8 +243,10 @@ async def search_daemon(
             first = False
             if res.epoch >= 0:
                 state.epoch = res.epoch
+            if res.conflict:
+                state.mine = None
             if res.written:
-                state.written = res.written
+                state.written, state.mine, state.based_on = res.written, res.body, res.read
             if res.delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(state.wake.wait(), timeout=res.delay)

@@ -96,6 +96,10 @@ class Settings:
         )
 
 
+def _version(body: Mapping[str, Any]) -> str:
+    return str(body.get("metadata", {}).get("resourceVersion", ""))
+
+
 class Conflict(Exception):
     """The resource changed while we reconciled; the pass is redone."""
 
@@ -109,7 +113,7 @@ class Pass:
     old: LossSearchStatus | None
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     seen_at: float | None = None  # when the pods were read (monotonic): rewards are read from no earlier
-    written: str = ""  # resourceVersion of the status this pass wrote
+    written: dict[str, Any] | None = None  # the resource as the status write of this pass returned it
     doomed: list[str] = field(default_factory=list)  # pods given up on (never started): deleted after the status
     retry_in: float = math.inf  # seconds until a retry held back by its backoff is due
 
@@ -119,6 +123,17 @@ class PassResult:
     delay: float  # seconds until the next pass is due (earlier if something wakes the search)
     epoch: int = -1  # the search's current epoch: events of pods of earlier epochs need not wake it
     written: str = ""  # resourceVersion of the status this pass wrote ("" when it wrote none)
+    body: dict[str, Any] | None = None  # the resource as that write returned it
+    read: str = ""  # the resourceVersion the pass read, and wrote over
+    conflict: bool = False  # the resource had changed since it was read: what the caller holds of it is stale
+
+    @classmethod
+    def after(cls, delay: float, epoch: int, read: str, got: dict[str, Any] | None) -> PassResult:
+        """The result of a pass that read `read` and wrote `got` (None: wrote nothing)."""
+        if got is None:
+            return cls(delay, epoch)
+        rv = str(got.get("metadata", {}).get("resourceVersion", ""))
+        return cls(delay, epoch, rv, got if rv else None, read)
 
 
 class Recent:
@@ -202,7 +217,7 @@ class Reconciler:
                 namespace, name, pods, time.monotonic() if seen_at is None else seen_at, first, known
             )
         except Conflict:
-            return PassResult(0.0)
+            return PassResult(0.0, conflict=True)
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - t0)
 
@@ -228,7 +243,7 @@ class Reconciler:
             spec = LossSearchSpec.model_validate(body.get("spec") or {})
         except ValueError as exc:
             msg = explain(exc, "spec") if isinstance(exc, ValidationError) else str(exc)
-            return PassResult(self.settings.interval, written=self._degrade(body, "InvalidSpec", msg))
+            return PassResult.after(self.settings.interval, -1, _version(body), self._degrade(body, "InvalidSpec", msg))
         raw = body.get("status") or {}
         old = LossSearchStatus.model_validate(raw) if raw.get("mu") else None
         p = Pass(namespace, name, body, core.spec_as_begun(spec, old), old, seen_at=seen_at)
@@ -242,7 +257,7 @@ class Reconciler:
         root = self.root(p)
         if root is None:
             msg = "spec.storage.uri: empty and the operator has no default storage; set spec.storage.uri"
-            return PassResult(self.settings.interval, written=self._degrade(body, "NoStorage", msg))
+            return PassResult.after(self.settings.interval, -1, _version(body), self._degrade(body, "NoStorage", msg))
         if old is not None and old.reason in ("InvalidSpec", "NoStorage", "StorageError"):
             old.reason, old.message = "", ""
         uid = body["metadata"].get("uid", "")
@@ -255,7 +270,9 @@ class Reconciler:
         except (storage.StorageError, OSError) as exc:  # nothing advanced: the next pass redoes all of it
             msg = f"storage at {root}: {exc}"[:1000]
             self.event(body, "Warning", "StorageError", msg)
-            return PassResult(self.settings.interval, written=self._degrade(body, "StorageError", msg))
+            return PassResult.after(
+                self.settings.interval, -1, _version(body), self._degrade(body, "StorageError", msg)
+            )
         for a in actions:
             if not isinstance(a, core.StartSample):
                 self._apply(p, a)
@@ -269,9 +286,9 @@ class Reconciler:
             delay = max(self.settings.interval, IDLE_RESYNC)
         else:
             delay = self.settings.interval
-        return PassResult(max(0.1, min(delay, p.retry_in)), new.epoch, p.written)
+        return PassResult.after(max(0.1, min(delay, p.retry_in)), new.epoch, _version(body), p.written)
 
-    def _degrade(self, body: dict, reason: str, msg: str) -> str:
+    def _degrade(self, body: dict, reason: str, msg: str) -> dict[str, Any] | None:
         """Report a problem of the operator's side (spec, configuration) in the status, keeping the search."""
         status = dict(body.get("status") or {}) | {"reason": reason, "message": msg}
         status.pop("conditions", None)
@@ -579,8 +596,8 @@ class Reconciler:
         status: dict[str, Any],
         conditions: list[tuple[str, str, str, str]],
         old: LossSearchStatus | None = None,
-    ) -> str:
-        """Write the status unless it is what the resource already has; returns the new resourceVersion, or ""
+    ) -> dict[str, Any] | None:
+        """Write the status unless it is what the resource already has; returns the resource as written, or None
         when nothing was written."""
         meta = body["metadata"]
         previous = {c["type"]: c for c in (body.get("status") or {}).get("conditions") or []}
@@ -602,7 +619,7 @@ class Reconciler:
             )
         status = dict(status, conditions=conds, observedGeneration=meta.get("generation", 0))
         if _pruned(status) == _pruned(body.get("status") or {}):
-            return ""
+            return None
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
         try:
             got = self.custom.patch_namespaced_custom_object_status(
@@ -612,7 +629,7 @@ class Reconciler:
             if exc.status == 409:
                 raise Conflict() from None
             raise
-        return str((got or {}).get("metadata", {}).get("resourceVersion", ""))
+        return got if isinstance(got, dict) else None
 
     def event(self, obj: dict, typ: str, reason: str, message: str) -> None:
         meta = obj["metadata"]

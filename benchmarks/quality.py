@@ -35,6 +35,9 @@ Arms:
   bounded-la-balanced, bounded-la-balloss, bounded-la1-balloss:
                   bounded-la rewarded by balanced accuracy / by the balanced validation loss
                   (neg-balanced-val-loss) / the latter starting from a = 1
+  bounded-poly1, bounded-poly1-balloss:
+                  the default's search around Poly-1 (init.preset poly1: every sampled loss carries its
+                  epsilon (1 - p) term); the latter rewarded by the balanced validation loss
   monotone        the previous default: monotone parameterisation, independent data orders, no antithetic pairs
   paper           the paper's parameterisation (per-piece a, b; no trust region), as monotone otherwise
   bounded-nocrn, bounded-noanti, bounded-old-estimator, bounded-accloss, bounded-valloss, monotone-crn-anti,
@@ -127,6 +130,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "reward": "neg-balanced-val-loss",
         "init": {"preset": "softmax", "logitAdjustment": 1.0},
     },
+    # the default's search around Poly-1 (epsilon 1) instead of cross-entropy: every sample carries its term
+    "bounded-poly1": {"init": {"preset": "poly1", "polyEpsilon": 1.0}},
+    "bounded-poly1-balloss": {"init": {"preset": "poly1", "polyEpsilon": 1.0}, "reward": "neg-balanced-val-loss"},
 }
 
 

@@ -25,6 +25,7 @@ amlfs_sample_diverged{epoch="0",instance="",job="amlfs-trainer",namespace="ns",s
 amlfs_sample_diverged{epoch="0",instance="",job="amlfs-trainer",namespace="ns",sample="3",search="a"} 1
 amlfs_sample_checkpoint_info{epoch="0",job="amlfs-trainer",namespace="ns",sample="0",search="a",sha256="ab"} 1
 amlfs_sample_duration_seconds{epoch="0",instance="",job="amlfs-trainer",namespace="ns",sample="0",search="a"} 3
+amlfs_sample_val_loss{epoch="0",instance="",job="amlfs-trainer",namespace="ns",sample="0",search="a"} 2.5
 push_time_seconds{epoch="0",instance="",job="amlfs-trainer",namespace="ns",sample="0",search="a"} 1.7e+09
 amlfs_sample_reward{epoch="1",instance="",job="amlfs-trainer",namespace="ns",sample="0",search="q\\"x"} 0.1
 """
@@ -33,7 +34,7 @@ amlfs_sample_reward{epoch="1",instance="",job="amlfs-trainer",namespace="ns",sam
 def test_parse_keeps_the_trainers_results_by_search():
     got = parse(EXPOSITION)
     assert got[("ns", "a")] == {
-        (0, 0): PushedResult(0.75, False, "ab"),
+        (0, 0): PushedResult(0.75, False, "ab", 2.5),  # with its validation loss
         (0, 1): PushedResult(0.5, False, ""),
         (0, 3): PushedResult(None, True, ""),  # diverged: no reward gauge
     }

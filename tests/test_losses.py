@@ -761,3 +761,75 @@ def test_the_prior_coordinate_of_the_bounded_space() -> None:
     adjusted = AMLFS.program([*AMLFS.identity(cfg)[:-1], 0.5], cfg)
     torch.testing.assert_close(build_loss(adjusted, "linear", 1.0, class_counts=[50, 50, 50, 50])(z, y), ce)
     assert build_loss(adjusted, "linear", 1.0, class_counts=[90, 5, 3, 2])(z, y).item() != pytest.approx(ce.item())
+
+
+# --- the Poly-1 term ------------------------------------------------------------------------------
+
+
+def test_a_poly_term_adds_epsilon_times_one_minus_p_to_a_target_loss() -> None:
+    """``poly: eps`` on a piecewise or search-softmax program: the rows' loss plus eps (1 - p), values and gradients
+    by hand; on the identity program it is the poly1 preset exactly; presets and bad values are refused."""
+    gen = torch.Generator().manual_seed(5)
+    for head, s in (("linear", 1.0), ("cosine", 16.0)):
+        cfg = cfg_for(head, 6, "bounded", scale=s)
+        z, y = random_outputs(head, 64, 5, gen, spread=3.0, dtype=torch.float64)
+        z.requires_grad_(True)
+        p = torch.softmax(s * z, 1).gather(1, y.view(-1, 1)).view(-1)
+        a_p = torch.where(p < 0.5, -0.5, 0.0)  # search-softmax's a on its two bins
+        for eps in (1.0, -0.5, 2.0):
+            preset = build_loss({"kind": "preset", "name": "poly1", "epsilon": eps}, head, s)(z, y)
+            identity = build_loss(AMLFS.program(AMLFS.identity(cfg), cfg) | {"poly": eps}, head, s)(z, y)
+            torch.testing.assert_close(identity, preset, rtol=1e-12, atol=1e-12)
+            floored = AMLFS.program([0.0] * (cfg.intervals + 1) + [1.2], cfg)  # tau0 = 0.3
+            for program, rows in (
+                (floored, -torch.log(0.3 + 0.7 * p)),
+                ({"kind": "search-softmax", "a": [-0.5, 0.0]}, -torch.log(p / (a_p * p + 1 - a_p))),
+            ):
+                want = (rows + eps * (1 - p)).mean()
+                (g_want,) = torch.autograd.grad(want, z, retain_graph=True)
+                got = build_loss(program | {"poly": eps}, head, s)(z, y)
+                (g,) = torch.autograd.grad(got, z)
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(g, g_want, rtol=1e-5, atol=1e-7)
+                assert not torch.allclose(got, rows.mean())  # the term is there
+    with pytest.raises(ValueError, match=r"program\.poly: only piecewise and search-softmax programs"):
+        build_loss({"kind": "preset", "name": "softmax", "poly": 1.0}, "linear", 1.0)
+    with pytest.raises(ValueError, match=r"program\.poly: must be in \[-1, 10\]"):
+        build_loss(AMLFS.program(AMLFS.identity(cfg), cfg) | {"poly": 11.0}, "linear", 1.0)
+
+
+def test_a_bounded_search_from_poly1_carries_its_term_on_every_sample() -> None:
+    """init.preset poly1 in the bounded space: mu starts at the identity of t with no floor, and every sampled
+    program carries Poly-1's fixed term; the monotone space approximates it in tau instead (no term)."""
+    from amlfs import core
+    from amlfs.spec import LossSearchSpec
+
+    def spec(parameterization: str, **init: object) -> LossSearchSpec:
+        return LossSearchSpec.model_validate(
+            {
+                "task": {"dataset": "digits"},
+                "search": {"parameterization": parameterization, "init": {"preset": "poly1", **init}},
+            }
+        )
+
+    bounded = spec("bounded", polyEpsilon=2.0)
+    mu = core.initial_mu(bounded)
+    assert mu == [0.0] * len(mu)  # t identity, floor 0, no prior adjustment
+    theta = [0.1] * len(mu)
+    program = core.program_for(bounded, theta)
+    assert program["poly"] == 2.0
+    assert {k: v for k, v in program.items() if k != "poly"} == core.program_for(
+        spec("bounded", polyEpsilon=0.0), theta
+    )
+    assert "poly" not in core.program_for(spec("monotone"), core.initial_mu(spec("monotone")))
+    # what the report plots: the term is part of tau, as the preset's own tau
+    for p in (0.01, 0.3, 0.9, 1.0):
+        assert evaluate(core.program_for(bounded, mu), "tau", p) == pytest.approx(
+            preset_tau(InitSpec(preset="poly1", poly_epsilon=2.0), p)
+        )
+    gen = torch.Generator().manual_seed(6)
+    z, y = random_outputs("linear", 32, 10, gen, spread=3.0, dtype=torch.float64)
+    torch.testing.assert_close(
+        build_loss(core.program_for(bounded, mu), "linear", 1.0, class_counts=[10] * 10)(z, y),
+        build_loss({"kind": "preset", "name": "poly1", "epsilon": 2.0}, "linear", 1.0)(z, y),
+    )

@@ -410,3 +410,18 @@ def test_packs_are_spread_over_the_free_slots_and_retries_run_alone(tmp_path):
     assert [s.tasks for s in r.slots] == [[[0]], [[1]]]
     inv = r.procs[0].task.invocation
     assert inv.attempt == 1 and [m.sample for m in inv.members] == [0]
+
+
+def test_a_result_is_read_with_its_validation_loss(tmp_path):
+    """What every shell observes of a finished sample: reward, digest and the validation loss the core's blow-up
+    check compares; an older result without one reads as None."""
+    from amlfs import effects, storage
+
+    root = f"file://{tmp_path}/root"
+    uri = f"{root}/epoch-0001/sample-02/result.json"
+    storage.write_json(uri, {"status": "ok", "reward": 0.5, "sha256": "ab", "valLoss": 2.25, "theta": [0.1]})
+    got = effects.read_result(root, 1, 2, 0, [0.1])
+    assert got is not None and (got.outcome, got.reward, got.sha256, got.val_loss) == ("succeeded", 0.5, "ab", 2.25)
+    storage.write_json(uri, {"status": "ok", "reward": 0.5, "sha256": "ab", "theta": [0.1]})
+    got = effects.read_result(root, 1, 2, 0, [0.1])
+    assert got is not None and got.val_loss is None

@@ -28,7 +28,12 @@ def read_result(
         reward=r.get("reward"),
         sha256=r.get("sha256", ""),
         message=r.get("message", ""),
+        val_loss=_number(r.get("valLoss")),
     )
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def apply_storage(action: core.Action) -> None:

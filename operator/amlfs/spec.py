@@ -28,7 +28,7 @@ DEFAULT_PARAMETERIZATION: Parameterization = "bounded"
 REPRESENTABLE = {
     "paper": ("softmax", "cosface", "arcface", "focal", "gce", "mae", "sce", "poly1"),
     "monotone": ("softmax", "cosface", "arcface", "focal", "sce", "poly1"),
-    "bounded": ("softmax", "cosface", "arcface", "gce", "mae"),
+    "bounded": ("softmax", "cosface", "arcface", "gce", "mae", "poly1"),
 }
 
 Dataset = Literal[
@@ -419,7 +419,9 @@ class InitSpec(Model):
         "softmax",
         description="softmax (identity: plain cross-entropy), cosface, arcface, focal, gce (generalised "
         "cross-entropy (1 - p^q)/q), mae (2(1 - p)), sce (symmetric CE: alpha CE + beta RCE), "
-        "label-smoothing (selection-only mode) or poly1 (CE + epsilon (1 - p)).",
+        "label-smoothing (selection-only mode) or poly1 (CE + epsilon (1 - p); in the bounded parameterization "
+        "the search moves t, the floor and the prior coordinate around it, and every sampled loss keeps its "
+        "epsilon (1 - p) term).",
     )
     margin: float = Field(0.35, ge=0.0, le=1.5, description="cosface/arcface margin m.")
     gamma: float = Field(2.0, ge=0.0, le=10.0, description="focal gamma.")
@@ -745,7 +747,7 @@ class LossSearchSpec(Model):
                 ),
                 "message": "spec.search.init.preset is not representable in spec.search.parameterization (monotone "
                 "starts from softmax, cosface, arcface, focal, sce or poly1; bounded from softmax, cosface, arcface, "
-                "gce or mae; paper from all but label-smoothing); use another search.parameterization or "
+                "gce, mae or poly1; paper from all but label-smoothing); use another search.parameterization or "
                 "search.mode: selection-only",
                 "fieldPath": ".search.init.preset",
             },

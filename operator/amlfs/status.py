@@ -41,6 +41,9 @@ class SampleStatus(Model):
         "began); none: a pod of its own.",
     )
     reward: float | None = None
+    val_loss: float | None = Field(
+        None, description="Its validation loss once it succeeded (a blown-up model: far above its siblings')."
+    )
     checkpoint: str = Field("", description="URI of this sample's checkpoint.pt once it succeeded.")
     sha256: str = ""
     message: str = ""

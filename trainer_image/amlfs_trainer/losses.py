@@ -26,7 +26,9 @@ al., ICLR 2021): the loss sees the logits plus ``a log pi``, ``pi_c = n_c / sum 
 priors, i.e. ``l_j + a log pi_j`` for every class j (after the scale s and the target transform t; centred so
 that the shifts average 0, which softmax ignores). ``a = 0`` is the program itself; for cross-entropy ``a = 1``
 is Bayes-consistent for the balanced error. The network's own logits (at test time) are not shifted. Both need
-``class_counts`` in `build_loss`.
+``class_counts`` in `build_loss`. A ``piecewise`` or ``search-softmax`` program may carry ``poly: epsilon``:
+the rows' loss plus ``epsilon (1 - p)`` with the same p (Poly-1's term, Leng et al., ICLR 2022: on the
+identity program it is the ``poly1`` preset exactly).
 
 Numerics of ``tau`` (piecewise). Every piece is classified once, when the module is built:
 
@@ -158,6 +160,11 @@ class _TargetLossFn(torch.autograd.Function):
         logp = logp_all.gather(1, y)
         pm1 = torch.expm1(logp)  # p - 1
         lt, g = loss.log_tau(logp, pm1, need_grad)
+        if loss.poly != 0.0:  # L = -log tau - eps (p - 1); d(-L)/d log p = g + eps p
+            lt = torch.add(lt, pm1, alpha=loss.poly)
+            if need_grad:
+                p_eps = torch.add(pm1, 1.0).mul_(loss.poly)
+                g = p_eps.add_(1.0) if g is None else g.add_(p_eps)
         if mean:  # 0 * sum(z) is NaN when z holds a NaN or an infinity anywhere
             out = torch.add(lt.mean(), z.sum(), alpha=0.0).neg_()
         else:
@@ -216,6 +223,7 @@ class _TargetLoss(_LogitLoss):
         super().__init__()
         self.head, self.reduction = head, reduction
         self.scale = float(scale) if head == "cosine" else 1.0
+        self.poly = 0.0  # epsilon of an added epsilon (1 - p) (the program's ``poly``; set by `build_loss`)
         self._mean = reduction == "mean"
         self._device: torch.device | None = None
         knots, tab = None, None
@@ -254,7 +262,8 @@ class _TargetLoss(_LogitLoss):
         self._device = next((buf.device for buf in self.buffers()), None)
 
     def extra_repr(self) -> str:
-        return f"head={self.head}, scale={self.scale}, reduction={self.reduction}"
+        poly = f", poly={self.poly}" if self.poly else ""
+        return f"head={self.head}, scale={self.scale}, reduction={self.reduction}{poly}"
 
 
 def _check_inputs(outputs: Tensor, target: Tensor) -> None:
@@ -628,6 +637,15 @@ def build_loss(
         module.shift = torch.tensor(logit_adjustment(class_counts, a), dtype=torch.float64).view(1, -1)
         if isinstance(module, _TargetLoss):
             module._track_device()
+        return module
+    if isinstance(program, dict) and "poly" in program:
+        eps = _number(program["poly"], "program.poly")
+        if not -1.0 <= eps <= 10.0:
+            raise ValueError(f"program.poly: must be in [-1, 10], got {eps}")
+        module = build_loss({k: v for k, v in program.items() if k != "poly"}, head, scale, reduction=reduction)
+        if not isinstance(module, _TargetLoss):
+            raise ValueError("program.poly: only piecewise and search-softmax programs take it")
+        module.poly = eps
         return module
     if head not in HEADS:
         raise ValueError(f"head: expected one of {', '.join(HEADS)}, got {head!r}")

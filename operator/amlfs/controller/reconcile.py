@@ -349,7 +349,9 @@ class Reconciler:
             if got is None:
                 return None
             outcome: core.Outcome = "no-reward" if got.diverged else "succeeded"
-            return core.Observation(st.epoch, x.index, outcome, x.attempt, reward=got.reward, sha256=got.sha256)
+            return core.Observation(
+                st.epoch, x.index, outcome, x.attempt, reward=got.reward, sha256=got.sha256, val_loss=got.val_loss
+            )
 
         obs: list[core.Observation] = []
         waiting = False

@@ -1,11 +1,11 @@
 """Rewards through Prometheus metrics.
 
-Each trainer pushes `amlfs_sample_reward`, `amlfs_sample_diverged` and `amlfs_sample_checkpoint_info{sha256}`
-to the Pushgateway, grouped by (job, namespace, search, epoch, sample). The operator reads them from the
-Pushgateway itself: a reward is visible the moment it is pushed, whereas a Prometheus query would add up to one
-scrape interval (15 s by default) to every epoch. Prometheus still scrapes the Pushgateway for dashboards. When a
-sample's metrics are missing (pushgateway down, push failed), the operator falls back to the sample's result.json
-in storage after a timeout and posts a Warning event.
+Each trainer pushes `amlfs_sample_reward`, `amlfs_sample_diverged`, `amlfs_sample_checkpoint_info{sha256}` and
+`amlfs_sample_val_loss` (for the core's blow-up check) to the Pushgateway, grouped by (job, namespace, search,
+epoch, sample). The operator reads them from the Pushgateway itself: a reward is visible the moment it is pushed,
+whereas a Prometheus query would add up to one scrape interval (15 s by default) to every epoch. Prometheus still
+scrapes the Pushgateway for dashboards. When a sample's metrics are missing (pushgateway down, push failed), the
+operator falls back to the sample's result.json in storage after a timeout and posts a Warning event.
 
 The Pushgateway has no per-group read: every read returns all groups of all searches. So one reader is shared by
 all searches, and a read is shared by every pass that asks while it runs: a pass asks for a snapshot taken after
@@ -32,7 +32,7 @@ from amlfs.contract import PUSH_JOB, grouping_key
 
 log = logging.getLogger(__name__)
 
-METRICS = ("amlfs_sample_reward", "amlfs_sample_diverged", "amlfs_sample_checkpoint_info")
+METRICS = ("amlfs_sample_reward", "amlfs_sample_diverged", "amlfs_sample_checkpoint_info", "amlfs_sample_val_loss")
 _PREFIXES = tuple(f"{m}{{" for m in METRICS)
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
@@ -45,6 +45,7 @@ class PushedResult:
     reward: float | None
     diverged: bool
     sha256: str
+    val_loss: float | None = None
 
 
 @dataclass
@@ -157,6 +158,7 @@ def parse(text: str) -> dict[tuple[str, str], dict[Key, PushedResult]]:
             reward=reward if isinstance(reward, float) else None,
             diverged=bool(diverged),
             sha256=str(got.get("sha256", "")),
+            val_loss=val_loss if isinstance(val_loss := got.get("amlfs_sample_val_loss"), float) else None,
         )
     return out
 

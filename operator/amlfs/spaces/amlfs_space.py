@@ -27,6 +27,10 @@ Three parameterisations of the same functions:
   without it; a = 1 makes cross-entropy Bayes-consistent for the balanced error. On balanced training data
   log pi is constant and c changes nothing.
 
+  Started from init.preset poly1, every sampled loss also carries Poly-1's epsilon (1 - p) term (the program's
+  ``poly``), fixed at init.polyEpsilon: the search moves t, the floor and c around Poly-1 instead of
+  cross-entropy. (As a searched coordinate the term was pushed down on every task; see below.)
+
   Two simpler forms collapsed training on mnist1d and are not used. Slopes of t integrated from the left end
   of its domain turn small slope noise into logit shifts of several units in the middle of the domain
   (measured: 52% test accuracy vs 83% for best-of-4 selection with cross-entropy). A free offset tau(0) that
@@ -152,7 +156,8 @@ class AmlfsSpace(Space):
             ap, bp = _ab_from_knots(pxs, pys)
             return at + bt + ap + bp
         d = [(ty - x) * cfg.logit_scale for ty, x in zip(tys, txs, strict=True)]
-        if par == "bounded":  # tau(0) exactly; in between, linear (gce and mae are approximated)
+        if par == "bounded":  # tau(0) exactly; in between, linear (gce and mae are approximated; poly1's
+            # epsilon (1 - p) is not a tau: it is a fixed term of every sampled loss, see `program`)
             prior = [c_of_prior(init.logit_adjustment)] if cfg.prior_adjustment else []
             return [*d, w_of_floor(pys[0] / pys[-1]), *prior]
         up = [math.log(max((pys[k + 1] - pys[k]) * m, MIN_SLOPE)) for k in range(m)]
@@ -180,4 +185,6 @@ class AmlfsSpace(Space):
         }
         if cfg.parameterization == "bounded" and cfg.prior_adjustment:
             program["logitAdjust"] = prior_of(theta[m + 2])  # also when 0: the search owns it
+        if cfg.parameterization == "bounded" and cfg.poly:
+            program["poly"] = cfg.poly
         return program

@@ -22,14 +22,17 @@ class SpaceConfig:
     t_hi: float = 1.0
     logit_scale: float = 1.0  # logits per unit of t's input: the cosine head's scale s, 1 for linear heads
     prior_adjustment: bool = False  # bounded: one more coordinate, the strength of the logit adjustment
+    poly: float = 0.0  # bounded: epsilon of a fixed Poly-1 term on every sampled loss (init.preset poly1)
 
     @classmethod
     def from_spec(cls, spec: LossSearchSpec) -> SpaceConfig:
         s = spec.search
-        prior = s.space == "amlfs" and s.parameterization == "bounded" and s.prior_adjustment
+        bounded = s.space == "amlfs" and s.parameterization == "bounded"
+        prior = bounded and s.prior_adjustment
+        poly = s.init.poly_epsilon if bounded and s.init.preset == "poly1" else 0.0
         if spec.model.head == "cosine":
-            return cls(s.intervals, s.parameterization, -1.0, 1.0, spec.model.scale, prior)
-        return cls(s.intervals, s.parameterization, -s.logit_range, s.logit_range, 1.0, prior)
+            return cls(s.intervals, s.parameterization, -1.0, 1.0, spec.model.scale, prior, poly)
+        return cls(s.intervals, s.parameterization, -s.logit_range, s.logit_range, 1.0, prior, poly)
 
 
 class Space(ABC):
@@ -133,8 +136,12 @@ def _piecewise(fn: dict[str, Any], x: float) -> float:
 
 
 def evaluate(program: Program, which: str, x: float) -> float:
-    """Evaluate `t` or `tau` of a program at x (what the trainer applies, without clamping)."""
+    """Evaluate `t` or `tau` of a program at x (what the trainer applies, without clamping). A program's ``poly``
+    term is part of tau here: -log tau(p) + eps (1 - p) = -log(tau(p) exp(-eps (1 - p)))."""
     kind = program["kind"]
+    if which == "tau" and program.get("poly") and kind in ("piecewise", "search-softmax"):
+        rest = {k: v for k, v in program.items() if k != "poly"}
+        return evaluate(rest, which, x) * math.exp(-float(program["poly"]) * (1.0 - x))
     if kind == "piecewise":
         return _piecewise(program[which], x)
     if kind == "search-softmax":

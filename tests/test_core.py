@@ -161,6 +161,8 @@ def test_a_blown_up_sample_is_not_promoted_and_counts_as_diverged():
     # within twice the median, or without validation losses (an older trainer), accuracy alone decides
     assert close_epoch_0(spec, [(0.228, 2.09), (0.273, 4.0), (0.27, 2.05), (0.223, 2.08)])[0]["best"] == 1
     assert close_epoch_0(spec, [(0.228, None), (0.273, None), (0.27, None), (0.223, None)])[0]["best"] == 1
+    # near-zero losses: three times the median but 0.06 nats above it is no blow-up
+    assert close_epoch_0(spec, [(0.98, 0.03), (0.99, 0.09), (0.97, 0.02), (0.98, 0.03)])[0]["best"] == 1
     # never below minSamples rewards: then the blown-up sample keeps its reward
     strict = make_spec(epochs=2, elitism=False, minSamples=4)
     assert close_epoch_0(strict, results)[0]["best"] == 1

@@ -36,6 +36,7 @@ from amlfs.status import (
 
 MAX_UNCOUNTED_RESTARTS = 50
 BLOWUP = 2.0  # a sample's validation loss above this times the epoch's median: blown up (`_drop_blown_up`)
+BLOWUP_NATS = 1.0  # ... and above the median by this much (near-zero losses differ by large ratios harmlessly)
 
 Outcome = Literal["running", "succeeded", "no-reward", "failed", "config-error", "preempted", "absent"]
 
@@ -325,8 +326,9 @@ def _drop_blown_up(s: _Step) -> None:
     """Samples whose validation loss ended above BLOWUP times the median of the epoch's succeeded samples have blown
     up (their logits exploded: measured, a model chosen for 0.3 % more accuracy with three times its siblings'
     validation loss stalled its search for good). They count as without reward: never promoted, and at the floor
-    in the update, so the search learns to avoid them. Fewer than half can be above twice the median; none is
-    dropped where that would leave fewer than minSamples rewards."""
+    in the update, so the search learns to avoid them. Fewer than half can be above twice the median; a loss must
+    also exceed it by BLOWUP_NATS (on a task fitted to near-zero losses, 0.01 against 0.03 is no blow-up); none
+    is dropped where that would leave fewer than minSamples rewards."""
     st = s.st
     done = [x for x in st.samples if x.state == "Succeeded" and x.val_loss is not None]
     if len(done) < 3:
@@ -334,7 +336,8 @@ def _drop_blown_up(s: _Step) -> None:
     losses = sorted(x.val_loss for x in done if x.val_loss is not None)
     mid = len(losses) // 2
     median = losses[mid] if len(losses) % 2 else (losses[mid - 1] + losses[mid]) / 2
-    blown = [x for x in done if x.val_loss is not None and x.val_loss > BLOWUP * median]
+    limit = max(BLOWUP * median, median + BLOWUP_NATS)
+    blown = [x for x in done if x.val_loss is not None and x.val_loss > limit]
     kept = sum(x.state == "Succeeded" for x in st.samples) - len(blown)
     if not blown or kept < s.spec.search.min_samples:
         return

@@ -16,6 +16,7 @@ controller restarted at any point re-derives exactly the same samples.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -330,23 +331,21 @@ def _drop_blown_up(s: _Step) -> None:
     also exceed it by BLOWUP_NATS (on a task fitted to near-zero losses, 0.01 against 0.03 is no blow-up); none
     is dropped where that would leave fewer than minSamples rewards."""
     st = s.st
-    done = [x for x in st.samples if x.state == "Succeeded" and x.val_loss is not None]
-    if len(done) < 3:
+    losses = {x.index: x.val_loss for x in st.samples if x.state == "Succeeded" and x.val_loss is not None}
+    if len(losses) < 3:
         return
-    losses = sorted(x.val_loss for x in done if x.val_loss is not None)
-    mid = len(losses) // 2
-    median = losses[mid] if len(losses) % 2 else (losses[mid - 1] + losses[mid]) / 2
+    median = statistics.median(losses.values())
     limit = max(BLOWUP * median, median + BLOWUP_NATS)
-    blown = [x for x in done if x.val_loss is not None and x.val_loss > limit]
+    blown = [x for x in st.samples if losses.get(x.index, -math.inf) > limit]
     kept = sum(x.state == "Succeeded" for x in st.samples) - len(blown)
     if not blown or kept < s.spec.search.min_samples:
         return
     for x in blown:
-        x.state, x.reward = "NoReward", None
         x.message = (
-            f"validation loss {x.val_loss:.4g}, above {BLOWUP:g} times the epoch's median {median:.4g}: the model "
-            "blew up; not promoted, rewarded as diverged"
+            f"validation loss {losses[x.index]:.4g}, above {limit:.4g} ({BLOWUP:g} times the epoch's median "
+            f"{median:.4g}, and {BLOWUP_NATS:g} nat above it): the model blew up; not promoted, rewarded as diverged"
         )
+        x.state, x.reward = "NoReward", None
 
 
 def _close_epoch(s: _Step) -> None:

@@ -132,7 +132,7 @@ class PassResult:
         """The result of a pass that read `read` and wrote `got` (None: wrote nothing)."""
         if got is None:
             return cls(delay, epoch)
-        rv = str(got.get("metadata", {}).get("resourceVersion", ""))
+        rv = _version(got)
         return cls(delay, epoch, rv, got if rv else None, read)
 
 

@@ -28,16 +28,18 @@ Arms:
   one:<preset>    one trajectory of a fixed preset (no selection)
   retrain:<arm>   one fresh trajectory trained with the final mu of that search arm (same task and seed) as a
                   fixed loss: does the found loss transfer to a new run? (compare with ce)
-  default         the search with the spec's defaults
+  default         the search with the spec's defaults: bounded-la with search.polyTerm 1 (around Poly-1)
+  default-balloss the default rewarded by the balanced validation loss (neg-balanced-val-loss)
   bounded         the bounded parameterisation without the logit-adjustment coordinate, with common random
                   numbers and antithetic samples (the default before bounded-la)
-  bounded-la      the same with the logit-adjustment coordinate (search.priorAdjustment; the default's spec)
+  bounded-la      the same with the logit-adjustment coordinate (search.priorAdjustment), around cross-entropy
+                  (search.polyTerm 0): the default before polyTerm
   bounded-la-balanced, bounded-la-balloss, bounded-la1-balloss:
                   bounded-la rewarded by balanced accuracy / by the balanced validation loss
                   (neg-balanced-val-loss) / the latter starting from a = 1
   bounded-poly1, bounded-poly1-balloss:
-                  the default's search around Poly-1 (init.preset poly1: every sampled loss carries its
-                  epsilon (1 - p) term); the latter rewarded by the balanced validation loss
+                  bounded-la around Poly-1 through init.preset poly1 (every sampled loss carries its
+                  epsilon (1 - p) term: the default's search); the latter rewarded by the balanced validation loss
   monotone        the previous default: monotone parameterisation, independent data orders, no antithetic pairs
   paper           the paper's parameterisation (per-piece a, b; no trust region), as monotone otherwise
   bounded-nocrn, bounded-noanti, bounded-old-estimator, bounded-accloss, bounded-valloss, monotone-crn-anti,
@@ -107,7 +109,9 @@ FIXED: dict[str, dict[str, Any]] = {
 
 # spec.search overrides of the search arms (besides "default", which overrides nothing)
 OLD = {"commonRandomNumbers": False, "antithetic": False}
-B0 = {"parameterization": "bounded", "priorAdjustment": False}  # the bounded form before the prior coordinate
+# the bounded form before the prior coordinate (and before search.polyTerm)
+B0 = {"parameterization": "bounded", "priorAdjustment": False, "polyTerm": 0.0}
+LA = {"parameterization": "bounded", "priorAdjustment": True, "polyTerm": 0.0}  # the default before polyTerm
 CANDIDATES: dict[str, dict[str, Any]] = {
     "monotone": {"parameterization": "monotone", **OLD},  # the default before bounded
     "paper": {"parameterization": "paper", "muBound": 0, **OLD},
@@ -121,17 +125,18 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "bounded-balanced": {**B0, "reward": "balanced-accuracy"},
     "monotone-balanced": {"parameterization": "monotone", "reward": "balanced-accuracy"},
     # the bounded form with the logit-adjustment coordinate (search.priorAdjustment)
-    "bounded-la": {"parameterization": "bounded", "priorAdjustment": True},
-    "bounded-la-balanced": {"parameterization": "bounded", "priorAdjustment": True, "reward": "balanced-accuracy"},
-    "bounded-la-balloss": {"parameterization": "bounded", "priorAdjustment": True, "reward": "neg-balanced-val-loss"},
+    "bounded-la": LA,
+    "bounded-la-balanced": {**LA, "reward": "balanced-accuracy"},
+    "bounded-la-balloss": {**LA, "reward": "neg-balanced-val-loss"},
     "bounded-la1-balloss": {  # starting from Menon et al.'s a = 1
-        "parameterization": "bounded",
-        "priorAdjustment": True,
+        **LA,
         "reward": "neg-balanced-val-loss",
         "init": {"preset": "softmax", "logitAdjustment": 1.0},
     },
-    # the default's search around Poly-1 (epsilon 1) instead of cross-entropy: every sample carries its term
+    # bounded-la around Poly-1 (epsilon 1) instead of cross-entropy: every sample carries its term; the same
+    # search as the default (search.polyTerm 1), reached through init.preset poly1
     "bounded-poly1": {"init": {"preset": "poly1", "polyEpsilon": 1.0}},
+    "default-balloss": {"reward": "neg-balanced-val-loss"},
     "bounded-poly1-balloss": {"init": {"preset": "poly1", "polyEpsilon": 1.0}, "reward": "neg-balanced-val-loss"},
 }
 

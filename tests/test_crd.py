@@ -290,6 +290,7 @@ def test_cel_rules_name_the_field_and_the_fix(schema):
         ".spec.search.antithetic",
         ".spec.optimizer.name",
         ".spec.search.priorAdjustment",
+        ".spec.search.polyTerm",
     }
     # the knobs a user raises on a running search stay mutable (sigma and the optimiser's hyper-parameters
     # apply from the next epoch)

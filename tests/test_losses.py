@@ -833,3 +833,44 @@ def test_a_bounded_search_from_poly1_carries_its_term_on_every_sample() -> None:
         build_loss(core.program_for(bounded, mu), "linear", 1.0, class_counts=[10] * 10)(z, y),
         build_loss({"kind": "preset", "name": "poly1", "epsilon": 2.0}, "linear", 1.0)(z, y),
     )
+
+
+def test_the_default_search_moves_around_poly1_and_a_search_keeps_the_term_it_began_with() -> None:
+    """search.polyTerm (default 1): every sampled loss of the bounded search carries epsilon (1 - p), so the
+    default search is the search from init.preset poly1; 0 gives the search around cross-entropy. The status
+    records the term; a status without it (a search begun before the field) keeps training without it."""
+    from amlfs import core
+    from amlfs.spec import LossSearchSpec
+
+    def spec(**search: object) -> LossSearchSpec:
+        return LossSearchSpec.model_validate({"task": {"dataset": "digits"}, "search": search})
+
+    default, poly1 = spec(), spec(init={"preset": "poly1", "polyEpsilon": 1.0})
+    assert default.search.poly_term == 1.0
+    mu = core.initial_mu(default)
+    assert mu == core.initial_mu(poly1)
+    theta = [0.05 * (i - 3) for i in range(len(mu))]
+    assert core.program_for(default, theta) == core.program_for(poly1, theta)
+    assert core.program_for(default, theta)["poly"] == 1.0
+    assert "poly" not in core.program_for(spec(polyTerm=0), theta)
+    assert core.program_for(spec(polyTerm=2.5), theta)["poly"] == 2.5
+    # init.preset poly1 fixes the term at its own epsilon
+    assert core.program_for(spec(polyTerm=2.5, init={"preset": "poly1", "polyEpsilon": 0.5}), theta)["poly"] == 0.5
+    # other parameterisations do not take it: the default does nothing there, another value is refused
+    monotone = spec(parameterization="monotone")
+    assert "poly" not in core.program_for(monotone, core.initial_mu(monotone))
+    with pytest.raises(ValueError, match="polyTerm applies to the bounded parameterization"):
+        spec(parameterization="monotone", polyTerm=2.0)
+    with pytest.raises(ValueError, match="polyTerm applies to the bounded parameterization"):
+        spec(space="search-softmax", polyTerm=0.5)
+
+    st = core.initial_status(default)
+    assert st.poly_term == 1.0 and st.to_json_dict()["polyTerm"] == 1.0
+    assert core.spec_as_begun(default, st) == default
+    # a CRD whose default changed later: the search keeps the term it began with
+    assert core.spec_as_begun(spec(polyTerm=0.5), st).search.poly_term == 1.0
+    # begun before the field existed: no term, whatever the CRD now defaults
+    old = st.model_copy(update={"poly_term": None})
+    begun = core.spec_as_begun(default, old)
+    assert begun.search.poly_term == 0.0 and "poly" not in core.program_for(begun, theta)
+    assert core.spec_as_begun(default, None) == default  # not begun: the spec as it is

@@ -355,6 +355,36 @@ def test_a_search_begun_before_prior_adjustment_keeps_its_space_when_the_crd_def
     assert len(c.core.created) == 4  # epoch 1's pods
 
 
+def test_a_search_begun_before_the_poly_term_keeps_its_loss_when_the_crd_defaults_it(tmp_path):
+    """A search begun before search.polyTerm existed (its status records no term) meets an upgraded CRD that
+    defaults the field to 1: its next epoch's pods still train without the term; a new search records it."""
+    import json
+
+    from amlfs.controller.rewards import PushedResult
+
+    c = Cluster(tmp_path, spec(tmp_path, epochs=2, polyTerm=0))
+    pushed = {(0, 0): PushedResult(0.5, False, "a" * 64), (0, 1): PushedResult(0.7, False, "b" * 64)}
+    c.rec.rewards.results = lambda *a, **k: pushed  # type: ignore[method-assign]
+    _, st = c.reconcile()
+    assert st["polyTerm"] == 0.0
+    del c.custom.body["status"]["polyTerm"]  # as an operator before the field wrote it
+    c.custom.body["spec"]["search"]["polyTerm"] = 1.0  # what the upgraded CRD's default says
+    c.finish_epoch_0(st["storageRoot"])
+    c.now, c.core.created = T0 + 1, []
+    _, st = c.reconcile()
+    assert st["epoch"] == 1 and st.get("reason", "") == "", st.get("message")
+    assert len(c.core.created) == 2  # epoch 1's pods
+    for pod in c.core.created:
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert json.loads(env["AMLFS_SPEC"])["search"]["polyTerm"] == 0.0
+
+    fresh = Cluster(tmp_path / "new", spec(tmp_path / "new"))
+    _, st = fresh.reconcile()
+    assert st["polyTerm"] == 1.0
+    env = {e["name"]: e.get("value") for e in fresh.core.created[0]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["AMLFS_SPEC"])["search"]["polyTerm"] == 1.0
+
+
 def test_a_pass_behind_a_lagging_watch_starts_from_its_own_write_without_a_read(tmp_path):
     """While the watch still shows the version a pass wrote over, the next pass starts from the resource as the
     write returned it (no GET); a version nobody here wrote, or a conflict, means a fresh read."""

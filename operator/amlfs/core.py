@@ -151,16 +151,25 @@ def space_config(spec: LossSearchSpec) -> SpaceConfig:
 
 
 def spec_as_begun(spec: LossSearchSpec, status: LossSearchStatus | None) -> LossSearchSpec:
-    """The spec a search with this status runs under. A search begun before search.priorAdjustment existed has a
-    mu one coordinate shorter; an upgraded CRD defaults the field to true on such a resource, and the search
-    keeps the space it began with."""
-    if status is None or not status.mu or not spec.search.prior_adjustment:
+    """The spec a search with this status runs under. An upgraded CRD fills in fields a running search predates
+    with their defaults; the search keeps what it began with. search.polyTerm is recorded in the status (a
+    status without it: begun before the term, 0). A search begun before search.priorAdjustment has a mu one
+    coordinate shorter."""
+    if status is None or not status.mu:
         return spec
-    without = spec.model_copy(update={"search": spec.search.model_copy(update={"prior_adjustment": False})})
-    space = get_space(spec.search.space)
-    if len(status.mu) != space.dim(space_config(spec)) and len(status.mu) == space.dim(space_config(without)):
-        return without
-    return spec
+    search = spec.search
+    poly = status.poly_term if status.poly_term is not None else 0.0
+    if search.poly_term != poly:
+        search = search.model_copy(update={"poly_term": poly})
+    if search.prior_adjustment:
+        without = search.model_copy(update={"prior_adjustment": False})
+        space = get_space(spec.search.space)
+        dim = space.dim(space_config(spec.model_copy(update={"search": search})))
+        if len(status.mu) != dim and len(status.mu) == space.dim(
+            space_config(spec.model_copy(update={"search": without}))
+        ):
+            search = without
+    return spec if search is spec.search else spec.model_copy(update={"search": search})
 
 
 def initial_mu(spec: LossSearchSpec) -> list[float]:
@@ -188,6 +197,7 @@ def initial_status(spec: LossSearchSpec) -> LossSearchStatus:
         epoch=0,
         mu=mu,
         sigma=spec.search.sigma,
+        poly_term=spec.search.poly_term,
         reward_metric=spec.reward_metric,
         adam=AdamState(step=0, m=[0.0] * len(mu), v=[0.0] * len(mu)),
     )

@@ -93,6 +93,11 @@ class LossSearchStatus(Model):
     )
     mu: list[float] = Field(default_factory=list)
     sigma: float = 0.0
+    poly_term: float | None = Field(
+        None,
+        description="spec.search.polyTerm as this search began with it: a CRD that later adds or re-defaults the "
+        "field leaves the loss of a running search as it was (absent: begun before the field, 0).",
+    )
     adam: AdamState = Field(default_factory=AdamState)
     start: Checkpoint | None = Field(
         None, description="Checkpoint every sample of this epoch starts from (none: initialise from the seed)."

@@ -233,6 +233,19 @@ INVALID = [
         ["spec.search.init.preset is not representable in spec.search.parameterization"],
     ),
     (
+        "poly-term-monotone",
+        {"search": {"parameterization": "monotone", "polyTerm": 2}},
+        None,
+        ["spec.search.polyTerm applies to the bounded parameterization of the amlfs space only"],
+    ),
+    (
+        "poly-term-search-softmax",
+        {"search": {"space": "search-softmax", "polyTerm": 0.5}},
+        None,
+        ["spec.search.polyTerm applies to the bounded parameterization"],
+    ),
+    ("poly-term-11", {"search": {"polyTerm": 11}}, None, ["spec.search.polyTerm", "less than or equal to 10"]),
+    (
         "pairflip-half",
         {"task": {"labelNoise": {"type": "pairflip", "rate": 0.5}}},
         None,
@@ -311,6 +324,7 @@ def test_transition_rules_freeze_the_search_space(cluster, namespace, losssearch
         ({"search": {"antithetic": False}}, "spec.search.antithetic is immutable"),
         ({"search": {"commonRandomNumbers": False}}, "spec.search.commonRandomNumbers is immutable"),
         ({"search": {"priorAdjustment": False}}, "spec.search.priorAdjustment is immutable"),
+        ({"search": {"polyTerm": 0}}, "spec.search.polyTerm is immutable"),
         ({"optimizer": {"name": "adamw"}}, "spec.optimizer.name is immutable"),
     ]
     # every field the runner refuses on resume is one of these (both read the markers in spec.py)

@@ -22,14 +22,14 @@ class SpaceConfig:
     t_hi: float = 1.0
     logit_scale: float = 1.0  # logits per unit of t's input: the cosine head's scale s, 1 for linear heads
     prior_adjustment: bool = False  # bounded: one more coordinate, the strength of the logit adjustment
-    poly: float = 0.0  # bounded: epsilon of a fixed Poly-1 term on every sampled loss (init.preset poly1)
+    poly: float = 0.0  # bounded: epsilon of the fixed Poly-1 term on every sampled loss (search.polyTerm)
 
     @classmethod
     def from_spec(cls, spec: LossSearchSpec) -> SpaceConfig:
         s = spec.search
         bounded = s.space == "amlfs" and s.parameterization == "bounded"
         prior = bounded and s.prior_adjustment
-        poly = s.init.poly_epsilon if bounded and s.init.preset == "poly1" else 0.0
+        poly = (s.init.poly_epsilon if s.init.preset == "poly1" else s.poly_term) if bounded else 0.0
         if spec.model.head == "cosine":
             return cls(s.intervals, s.parameterization, -1.0, 1.0, spec.model.scale, prior, poly)
         return cls(s.intervals, s.parameterization, -s.logit_range, s.logit_range, 1.0, prior, poly)

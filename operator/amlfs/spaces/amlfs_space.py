@@ -27,9 +27,10 @@ Three parameterisations of the same functions:
   without it; a = 1 makes cross-entropy Bayes-consistent for the balanced error. On balanced training data
   log pi is constant and c changes nothing.
 
-  Started from init.preset poly1, every sampled loss also carries Poly-1's epsilon (1 - p) term (the program's
-  ``poly``), fixed at init.polyEpsilon: the search moves t, the floor and c around Poly-1 instead of
-  cross-entropy. (As a searched coordinate the term was pushed down on every task; see below.)
+  Every sampled loss also carries Poly-1's epsilon (1 - p) term (the program's ``poly``), fixed at
+  search.polyTerm (default 1; init.polyEpsilon when the search starts from init.preset poly1): the search moves
+  t, the floor and c around Poly-1 instead of cross-entropy. (As a searched coordinate the term was pushed down
+  on every task; see below.)
 
   Two simpler forms collapsed training on mnist1d and are not used. Slopes of t integrated from the left end
   of its domain turn small slope noise into logit shifts of several units in the middle of the domain

@@ -513,9 +513,10 @@ class SearchSpec(Model):
         le=10.0,
         description="bounded parameterisation, search mode: every sampled loss adds polyTerm x (1 - p), Poly-1's "
         "term (Leng et al., ICLR 2022), fixed, so the search moves t, the floor and the prior coordinate around "
-        "CE + polyTerm (1 - p) (measured: it gains under label noise, and on long tails "
-        "with reward neg-balanced-val-loss, and costs nothing on clean data; see docs/results.md). 0: the search around the init loss alone. With init.preset poly1 the term is "
-        "init.polyEpsilon. Other parameterisations do not take it.",
+        "CE + polyTerm (1 - p) (measured: it gains under label noise, and on long tails with reward "
+        "neg-balanced-val-loss, and costs nothing on clean data; see docs/results.md). 0: the search around the "
+        "init loss alone. With init.preset poly1 the term is init.polyEpsilon. Other parameterisations do not "
+        "take it.",
         json_schema_extra=cel(immutable("spec.search.polyTerm", "every sampled loss carries it")),
     )
     intervals: int = Field(

@@ -157,19 +157,16 @@ def spec_as_begun(spec: LossSearchSpec, status: LossSearchStatus | None) -> Loss
     coordinate shorter."""
     if status is None or not status.mu:
         return spec
-    search = spec.search
+    begun: dict[str, Any] = {}
     poly = status.poly_term if status.poly_term is not None else 0.0
-    if search.poly_term != poly:
-        search = search.model_copy(update={"poly_term": poly})
-    if search.prior_adjustment:
-        without = search.model_copy(update={"prior_adjustment": False})
+    if spec.search.poly_term != poly:
+        begun["poly_term"] = poly
+    if spec.search.prior_adjustment:  # mu's length tells (the term does not change it)
         space = get_space(spec.search.space)
-        dim = space.dim(space_config(spec.model_copy(update={"search": search})))
-        if len(status.mu) != dim and len(status.mu) == space.dim(
-            space_config(spec.model_copy(update={"search": without}))
-        ):
-            search = without
-    return spec if search is spec.search else spec.model_copy(update={"search": search})
+        without = spec.model_copy(update={"search": spec.search.model_copy(update={"prior_adjustment": False})})
+        if len(status.mu) != space.dim(space_config(spec)) and len(status.mu) == space.dim(space_config(without)):
+            begun["prior_adjustment"] = False
+    return spec.model_copy(update={"search": spec.search.model_copy(update=begun)}) if begun else spec
 
 
 def initial_mu(spec: LossSearchSpec) -> list[float]:

@@ -631,14 +631,19 @@ class SearchSpec(Model):
         default_factory=InitSpec, json_schema_extra=cel(immutable("spec.search.init", "mu starts from it"))
     )
 
+    @property
+    def bounded(self) -> bool:
+        """The bounded parameterisation of the amlfs space (the one with a floor, a prior coordinate and the
+        Poly-1 term)."""
+        return self.space == "amlfs" and self.parameterization == "bounded"
+
     @model_validator(mode="after")
     def _check(self) -> SearchSpec:
         if self.min_samples > self.samples_per_epoch:
             raise ValueError(
                 f"minSamples ({self.min_samples}) must not exceed samplesPerEpoch ({self.samples_per_epoch})"
             )
-        bounded = self.space == "amlfs" and self.parameterization == "bounded"
-        if not bounded and self.poly_term not in (0.0, POLY_TERM_DEFAULT):
+        if not self.bounded and self.poly_term not in (0.0, POLY_TERM_DEFAULT):
             raise ValueError(
                 "polyTerm applies to the bounded parameterization of the amlfs space only; set "
                 "parameterization: bounded, or remove polyTerm"

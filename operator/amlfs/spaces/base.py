@@ -27,9 +27,8 @@ class SpaceConfig:
     @classmethod
     def from_spec(cls, spec: LossSearchSpec) -> SpaceConfig:
         s = spec.search
-        bounded = s.space == "amlfs" and s.parameterization == "bounded"
-        prior = bounded and s.prior_adjustment
-        poly = (s.init.poly_epsilon if s.init.preset == "poly1" else s.poly_term) if bounded else 0.0
+        prior = s.bounded and s.prior_adjustment
+        poly = (s.init.poly_epsilon if s.init.preset == "poly1" else s.poly_term) if s.bounded else 0.0
         if spec.model.head == "cosine":
             return cls(s.intervals, s.parameterization, -1.0, 1.0, spec.model.scale, prior, poly)
         return cls(s.intervals, s.parameterization, -s.logit_range, s.logit_range, 1.0, prior, poly)

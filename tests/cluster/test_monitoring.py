@@ -38,3 +38,18 @@ def test_registered_metrics_endpoint_is_scraped(monitoring):
     finally:
         server.shutdown()
         thread.join(timeout=5)
+
+
+def test_a_trainers_pushed_result_names_its_output_prefix_to_the_operator(monitoring):
+    """The trainer's push and the operator's read of the real Pushgateway agree on which output a result was
+    written to (what lets an epoch close before the kubelet reports the pods)."""
+    from amlfs.controller.rewards import PushgatewayReader
+    from amlfs_trainer.metrics import push_result
+
+    search = f"s{uuid.uuid4().hex[:6]}"
+    output = f"s3://bucket/ns/{search}/uid-1/epoch-0002/sample-01"
+    result = {"status": "ok", "reward": 0.8, "sha256": "ab" * 32, "valLoss": 0.4, "output": output}
+    push_result(monitoring.pushgateway.url, "ns", search, 2, 1, result)
+    got = PushgatewayReader(monitoring.pushgateway.url).results("ns", search)[(2, 1)]
+    assert (got.reward, got.sha256, got.val_loss, got.output) == (0.8, "ab" * 32, 0.4, output)
+    assert got.wrote(output) and not got.wrote(f"s3://bucket/ns/{search}/epoch-0002/sample-01")

@@ -154,6 +154,7 @@ class FakeTrainers:
             "theta": theta,
             "sha256": hashlib.sha256(ckpt).hexdigest(),
             "checkpoint": f"{out}/checkpoint.pt",
+            "output": out,
             "epoch": epoch,
             "sample": sample,
             "timings": {"total": float(env.get("AMLFS_FAKE_SLEEP", "0"))},

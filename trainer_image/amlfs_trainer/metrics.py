@@ -80,6 +80,10 @@ def push_result(gateway: str, namespace: str, search: str, epoch: int, sample: i
         Gauge(
             "amlfs_sample_checkpoint_info", "The sample's checkpoint digest (value 1).", ["sha256"], registry=r
         ).labels(sha256=result["sha256"]).set(1)
+    if result.get("output"):  # which search and sample wrote it: the operator takes no namesake's result
+        Gauge(
+            "amlfs_sample_output_info", "The sample's output prefix in storage (value 1).", ["output"], registry=r
+        ).labels(output=result["output"]).set(1)
     Gauge("amlfs_sample_diverged", "1 when the loss or gradient became non-finite.", registry=r).set(
         0 if result.get("status") == STATUS_OK else 1
     )

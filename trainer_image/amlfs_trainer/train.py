@@ -256,6 +256,7 @@ def _write(
         "sample": m.sample,
         "attempt": m.attempt,
         "theta": m.theta,
+        "output": m.output,
         "program": m.program,
         "device": str(device),
         "precision": "bf16-autocast" if amp else "fp32",

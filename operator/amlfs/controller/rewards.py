@@ -1,17 +1,19 @@
 """Rewards through Prometheus metrics.
 
-Each trainer pushes `amlfs_sample_reward`, `amlfs_sample_diverged`, `amlfs_sample_checkpoint_info{sha256}` and
-`amlfs_sample_val_loss` (for the core's blow-up check) to the Pushgateway, grouped by (job, namespace, search,
-epoch, sample). The operator reads them from the Pushgateway itself: a reward is visible the moment it is pushed,
-whereas a Prometheus query would add up to one scrape interval (15 s by default) to every epoch. Prometheus still
-scrapes the Pushgateway for dashboards. When a sample's metrics are missing (pushgateway down, push failed), the
-operator falls back to the sample's result.json in storage after a timeout and posts a Warning event.
+Each trainer pushes `amlfs_sample_reward`, `amlfs_sample_diverged`, `amlfs_sample_checkpoint_info{sha256}`,
+`amlfs_sample_val_loss` (for the core's blow-up check) and `amlfs_sample_output_info{output}` (the prefix it wrote
+its checkpoint and result.json under, which names the search's UID and the sample) to the Pushgateway, grouped by
+(job, namespace, search, epoch, sample). The operator reads them from the Pushgateway itself: a reward is visible
+the moment it is pushed, whereas a Prometheus query would add up to one scrape interval (15 s by default) to every
+epoch. Prometheus still scrapes the Pushgateway for dashboards. When a sample's metrics are missing (pushgateway
+down, push failed), the operator falls back to the sample's result.json in storage after a timeout and posts a
+Warning event.
 
 The Pushgateway has no per-group read: every read returns all groups of all searches. So one reader is shared by
 all searches, and a read is shared by every pass that asks while it runs: a pass asks for a snapshot taken after
 it saw its pods (`not_before`), which is then guaranteed to hold every reward pushed by a trainer that had exited
 by then; passes asking at the same time wait for the same fetch. The snapshot is read from the text exposition
-(`/metrics`), keeping only the lines of the three metrics above: at 200 live groups that costs the Pushgateway
+(`/metrics`), keeping only the lines of the metrics above: at 200 live groups that costs the Pushgateway
 less than half of what `/api/v1/metrics` (JSON) does, and the operator about 60 %.
 """
 
@@ -32,7 +34,13 @@ from amlfs.contract import PUSH_JOB, grouping_key
 
 log = logging.getLogger(__name__)
 
-METRICS = ("amlfs_sample_reward", "amlfs_sample_diverged", "amlfs_sample_checkpoint_info", "amlfs_sample_val_loss")
+METRICS = (
+    "amlfs_sample_reward",
+    "amlfs_sample_diverged",
+    "amlfs_sample_checkpoint_info",
+    "amlfs_sample_val_loss",
+    "amlfs_sample_output_info",
+)
 _PREFIXES = tuple(f"{m}{{" for m in METRICS)
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
@@ -46,6 +54,11 @@ class PushedResult:
     diverged: bool
     sha256: str
     val_loss: float | None = None
+    output: str = ""  # the output prefix the trainer wrote to; "" from trainers that do not say
+
+    def wrote(self, output: str) -> bool:
+        """Whether this result was written to `output` by the trainer itself (so it is complete in storage)."""
+        return bool(self.output) and self.output.rstrip("/") == output.rstrip("/")
 
 
 @dataclass
@@ -68,6 +81,7 @@ class PushgatewayReader:
         self._cond = threading.Condition()
         self._snapshot: Snapshot | None = None
         self._fetching: float | None = None  # start time of the fetch in flight
+        self._memo: dict[str, Line] = {}  # the lines of the last fetch, parsed (only the fetch in flight uses it)
 
     def results(self, namespace: str, search: str, not_before: float | None = None) -> dict[Key, PushedResult]:
         """The search's pushed results, keyed by (epoch, sample), from a fetch that started at or after
@@ -111,7 +125,7 @@ class PushgatewayReader:
         req = urllib.request.Request(f"{self.url}/metrics", headers={"Accept": "text/plain; version=0.0.4"})
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
             text = resp.read().decode("utf-8", errors="replace")
-        return parse(text)
+        return parse(text, self._memo)
 
     def delete(self, namespace: str, search: str, epoch: int, sample: int) -> None:
         """Delete one sample's group (deleting a group that is not there succeeds too)."""
@@ -128,27 +142,26 @@ class PushgatewayReader:
                 self._snapshot.searches.get((namespace, search), {}).pop((epoch, sample), None)
 
 
-def parse(text: str) -> dict[tuple[str, str], dict[Key, PushedResult]]:
-    """The trainers' results in a text exposition, by (namespace, search) and (epoch, sample)."""
+Line = tuple[tuple[str, str, int, int], str, object] | None  # a parsed line: (group, field, value), or not ours
+
+
+def parse(text: str, memo: dict[str, Line] | None = None) -> dict[tuple[str, str], dict[Key, PushedResult]]:
+    """The trainers' results in a text exposition, by (namespace, search) and (epoch, sample). `memo` holds the
+    lines of the previous parse, replaced by this one's: a group's lines stay the same from one read to the next,
+    so a reader polling hundreds of groups parses only the new ones."""
     raw: dict[tuple[str, str, int, int], dict[str, object]] = {}
+    seen: dict[str, Line] = {}
     for line in text.splitlines():
         if not line.startswith(_PREFIXES):
             continue
-        name, _, rest = line.partition("{")
-        labels_part, _, value_part = rest.rpartition("}")
-        labels = {k: _unescape(v) for k, v in _LABEL.findall(labels_part)}
-        if labels.get("job") != PUSH_JOB:
-            continue
-        try:
-            key = (labels["namespace"], labels["search"], int(labels["epoch"]), int(labels["sample"]))
-            value = float(value_part.split()[0])
-        except (KeyError, ValueError, IndexError):
-            continue
-        got = raw.setdefault(key, {})
-        if name == "amlfs_sample_checkpoint_info":
-            got["sha256"] = labels.get("sha256", "")
-        else:
-            got[name] = value
+        item = memo[line] if memo is not None and line in memo else _parse_line(line)
+        seen[line] = item
+        if item is not None:
+            key, name, value = item
+            raw.setdefault(key, {})[name] = value
+    if memo is not None:
+        memo.clear()
+        memo.update(seen)
     out: dict[tuple[str, str], dict[Key, PushedResult]] = {}
     for (namespace, search, epoch, sample), got in raw.items():
         reward, diverged = got.get("amlfs_sample_reward"), got.get("amlfs_sample_diverged")
@@ -159,8 +172,27 @@ def parse(text: str) -> dict[tuple[str, str], dict[Key, PushedResult]]:
             diverged=bool(diverged),
             sha256=str(got.get("sha256", "")),
             val_loss=val_loss if isinstance(val_loss := got.get("amlfs_sample_val_loss"), float) else None,
+            output=str(got.get("output", "")),
         )
     return out
+
+
+def _parse_line(line: str) -> Line:
+    name, _, rest = line.partition("{")
+    labels_part, _, value_part = rest.rpartition("}")
+    labels = {k: _unescape(v) for k, v in _LABEL.findall(labels_part)}
+    if labels.get("job") != PUSH_JOB:
+        return None
+    try:
+        key = (labels["namespace"], labels["search"], int(labels["epoch"]), int(labels["sample"]))
+        value = float(value_part.split()[0])
+    except (KeyError, ValueError, IndexError):
+        return None
+    if name == "amlfs_sample_checkpoint_info":
+        return key, "sha256", labels.get("sha256", "")
+    if name == "amlfs_sample_output_info":
+        return key, "output", labels.get("output", "")
+    return key, name, value
 
 
 def _unescape(value: str) -> str:

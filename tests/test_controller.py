@@ -3,6 +3,7 @@ status writes, the pod watch's label selector."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -26,6 +27,7 @@ amlfs_sample_diverged{epoch="0",instance="",job="amlfs-trainer",namespace="ns",s
 amlfs_sample_checkpoint_info{epoch="0",job="amlfs-trainer",namespace="ns",sample="0",search="a",sha256="ab"} 1
 amlfs_sample_duration_seconds{epoch="0",instance="",job="amlfs-trainer",namespace="ns",sample="0",search="a"} 3
 amlfs_sample_val_loss{epoch="0",instance="",job="amlfs-trainer",namespace="ns",sample="0",search="a"} 2.5
+amlfs_sample_output_info{epoch="0",job="amlfs-trainer",namespace="ns",output="s3://b/a/0",sample="0",search="a"} 1
 push_time_seconds{epoch="0",instance="",job="amlfs-trainer",namespace="ns",sample="0",search="a"} 1.7e+09
 amlfs_sample_reward{epoch="1",instance="",job="amlfs-trainer",namespace="ns",sample="0",search="q\\"x"} 0.1
 """
@@ -34,13 +36,34 @@ amlfs_sample_reward{epoch="1",instance="",job="amlfs-trainer",namespace="ns",sam
 def test_parse_keeps_the_trainers_results_by_search():
     got = parse(EXPOSITION)
     assert got[("ns", "a")] == {
-        (0, 0): PushedResult(0.75, False, "ab", 2.5),  # with its validation loss
+        (0, 0): PushedResult(0.75, False, "ab", 2.5, "s3://b/a/0"),  # val loss, output
         (0, 1): PushedResult(0.5, False, ""),
         (0, 3): PushedResult(None, True, ""),  # diverged: no reward gauge
     }
     assert got[("other", "a")] == {(3, 0): PushedResult(0.25, False, "")}
     assert got[("ns", 'q"x')] == {(1, 0): PushedResult(0.1, False, "")}  # escaped label values
     assert set(got) == {("ns", "a"), ("other", "a"), ("ns", 'q"x')}  # other jobs are not ours
+
+
+def test_a_parse_with_the_previous_lines_parses_only_new_ones_and_forgets_the_gone():
+    from amlfs.controller import rewards
+
+    memo: dict = {}
+    assert parse(EXPOSITION, memo) == parse(EXPOSITION)
+    ours = [line for line in EXPOSITION.splitlines() if line.startswith(rewards._PREFIXES)]
+    assert set(memo) == set(ours)
+    parsed: list[str] = []
+    real = rewards._parse_line
+    rewards._parse_line = lambda line: parsed.append(line) or real(line)  # type: ignore[assignment]
+    try:
+        new = 'amlfs_sample_reward{epoch="1",job="amlfs-trainer",namespace="ns",sample="0",search="a"} 0.6\n'
+        gone = ours[0]
+        got = parse(EXPOSITION.replace(gone + "\n", "") + new, memo)
+    finally:
+        rewards._parse_line = real  # type: ignore[assignment]
+    assert parsed == [new.strip()]  # only the new line was parsed
+    assert got[("ns", "a")][(1, 0)] == PushedResult(0.6, False, "")
+    assert gone not in memo and new.strip() in memo  # the memo holds this read's lines only
 
 
 class CountingReader(PushgatewayReader):
@@ -137,3 +160,87 @@ def test_the_operator_names_each_searchs_reward_metric_and_forgets_it():
     assert REGISTRY.get_sample_value("amlfs_operator_search_info", labels) == 1.0
     metrics.forget("ns", "reid", spec)
     assert REGISTRY.get_sample_value("amlfs_operator_search_info", labels) is None
+
+
+class NotStopped:
+    def __bool__(self) -> bool:
+        return False
+
+
+def test_pods_starting_together_make_one_pass_after_the_settle_and_an_ending_pod_one_at_once():
+    async def scenario() -> None:
+        rt = handlers.Runtime(Settings(settle=0.3), None, None, None, None)  # type: ignore[arg-type]
+        state = rt.state("ns", "s")
+        state.written = "8"
+        labels = {"amlfs.io/search": "s", "amlfs.io/epoch": "0"}
+
+        async def pod_is(phase: str, memo: kopf.Memo) -> None:
+            await handlers.pod_changed(
+                type="MODIFIED", namespace="ns", labels=labels, meta={}, status={"phase": phase}, memo=memo
+            )
+
+        memos = [kopf.Memo(amlfs=rt) for _ in range(3)]  # each pod has its own copy of the memo
+        t0 = time.monotonic()
+        for memo in memos:
+            await pod_is("Running", memo)
+            await asyncio.sleep(0.05)
+        assert t0 + 0.3 <= state.due <= t0 + 0.35  # the first start set it; the later ones do not push it back
+        slept = asyncio.create_task(state.sleep(NotStopped()))  # type: ignore[arg-type]
+        await asyncio.sleep(0.02)
+        assert not slept.done()
+        await pod_is("Succeeded", memos[0])
+        await asyncio.wait_for(slept, timeout=0.1)  # a pod that ended: at once
+        assert time.monotonic() - t0 < 0.3
+        state.due = float("inf")
+        await pod_is("Succeeded", memos[0])  # the same phase again: nothing new
+        assert state.due == float("inf")
+        state.echoes.extend(["7", "8"])  # statuses written here, the later one already back from the write
+        await handlers.search_changed(namespace="ns", name="s", meta={"resourceVersion": "7"}, memo=memos[0])
+        assert state.due == float("inf")  # the watch bringing an earlier write of ours late: nothing new
+        await handlers.search_changed(namespace="ns", name="s", meta={"resourceVersion": "9"}, memo=memos[0])
+        assert state.due <= time.monotonic()  # an edit of the resource: at once
+
+    asyncio.run(scenario())
+
+
+def test_the_reward_poll_wakes_a_search_for_the_results_its_own_trainers_pushed():
+    """At once for the result that completes the epoch, after the settle for one while others still train, once
+    for each; never for a push naming another output prefix (a deleted namesake's)."""
+    from amlfs.controller.rewards import Snapshot
+
+    mine = [f"s3://b/ns/a/uid-2/epoch-0000/sample-0{i}" for i in (0, 1)]
+    pushed: dict[tuple[str, str], dict] = {
+        ("ns", "a"): {(0, 0): PushedResult(0.5, False, "ab", output=mine[0])},
+        ("ns", "b"): {(0, 0): PushedResult(0.5, False, "ab", output="s3://b/ns/b/epoch-0000/sample-00")},
+    }
+    reads: list[float] = []
+
+    class Reader:
+        def snapshot(self, not_before: float) -> Snapshot:
+            reads.append(not_before)
+            return Snapshot(not_before, True, {k: dict(v) for k, v in pushed.items()})
+
+    async def scenario() -> None:
+        settings = Settings(pushgateway="http://pushgateway:9091", reward_poll=0.02, settle=5.0)
+        rt = handlers.Runtime(settings, None, None, Reader(), None)  # type: ignore[arg-type]
+        a, b, idle = rt.state("ns", "a"), rt.state("ns", "b"), rt.state("ns", "c")
+        a.awaiting = {(0, 0): mine[0], (0, 1): mine[1]}
+        b.awaiting = {(0, 0): "s3://b/ns/b/uid-3/epoch-0000/sample-00"}  # its namesake's push: not its own
+        poll = asyncio.create_task(handlers.poll_rewards(rt))
+        t0 = time.monotonic()
+        await asyncio.sleep(0.15)
+        assert t0 + 4.9 < a.due < t0 + 5.1 and a.poked == {(0, 0)}  # progress: after the settle
+        assert b.due == idle.due == float("inf")
+        a.due = float("inf")
+        await asyncio.sleep(0.1)
+        assert a.due == float("inf")  # the same result wakes it once
+        pushed[("ns", "a")][(0, 1)] = PushedResult(0.7, False, "cd", output=mine[1])
+        await asyncio.sleep(0.1)
+        assert a.due <= time.monotonic() and a.cause == "reward"  # the epoch's last result: at once
+        n = len(reads)
+        a.awaiting = b.awaiting = {}
+        await asyncio.sleep(0.1)
+        assert len(reads) <= n + 1  # nothing awaited: no reads
+        poll.cancel()
+
+    asyncio.run(scenario())

@@ -150,6 +150,9 @@ class FakeRewards:
     def results(self, namespace: str, search: str, not_before: float | None = None) -> dict:
         return self.data
 
+    def cached(self, namespace: str, search: str) -> dict:
+        return self.data
+
 
 def pod(
     phase: str,

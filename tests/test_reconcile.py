@@ -99,6 +99,7 @@ class Cluster:
 
     def reconcile(self):
         res = self.rec.reconcile("ns", "s", self.pods, first=False, known=self.custom.body)
+        self.rec.flush(10)  # the pass's deletions and events
         return res, self.custom.body.get("status") or {}
 
     def finish_epoch_0(self, root: str) -> None:
@@ -417,3 +418,38 @@ def test_a_pass_behind_a_lagging_watch_starts_from_its_own_write_without_a_read(
     c.custom.patch_namespaced_custom_object_status = refuse  # type: ignore[method-assign]
     stale = c.rec.reconcile("ns", "s", c.pods, known=res2.body | {"status": res.body["status"]})
     assert stale.conflict and not stale.written and stale.body is None
+
+
+def test_an_epoch_ends_on_its_trainers_pushed_results_before_the_kubelet_reports_the_pods(tmp_path):
+    """A result its trainer pushed after writing it to the sample's own output prefix is complete in storage: the
+    epoch closes on it while the pods are still Running. A push naming another prefix (a namesake's, with no UID in
+    it) or none (a trainer that does not say) waits for the pod to end, as before."""
+    from amlfs.controller.rewards import PushedResult
+
+    c = Cluster(tmp_path, spec(tmp_path, epochs=2))
+    c.rec.settings.pushgateway = "http://pushgateway:9091"
+    pushed: dict[tuple[int, int], PushedResult] = {}
+    c.rec.rewards.cached = lambda *a, **k: dict(pushed)  # type: ignore[method-assign]
+    res, st = c.reconcile()
+    root = st["storageRoot"]
+    mine = [f"{root}/epoch-0000/sample-0{i}" for i in (0, 1)]
+    assert dict(res.awaiting) == {(0, 0): mine[0], (0, 1): mine[1]}  # what the reward poll looks for
+    for i in (0, 1):
+        storage.write_bytes(f"{mine[i]}/checkpoint.pt", b"w")
+        storage.write_json(f"{mine[i]}/result.json", {"status": "ok"})
+        c.pod(f"s-e0-s{i}", "Running")
+    pushed[(0, 0)] = PushedResult(0.5, False, "a" * 64, output=mine[0])
+    pushed[(0, 1)] = PushedResult(0.9, False, "b" * 64, output=f"{c.root}/ns/s/epoch-0000/sample-01")
+    res, st = c.reconcile()
+    assert [(x["state"], x.get("reward")) for x in st["samples"]] == [("Succeeded", 0.5), ("Running", None)]
+    assert dict(res.awaiting) == {(0, 1): mine[1]} and st["epoch"] == 0
+    pushed[(0, 1)] = PushedResult(0.7, False, "b" * 64)  # no output named: only the pod's end counts
+    _, st = c.reconcile()
+    assert st["samples"][1]["state"] == "Running"
+    pushed[(0, 1)] = PushedResult(0.7, False, "b" * 64, output=mine[1] + "/")
+    c.core.created = []
+    res, st = c.reconcile()
+    assert st["epoch"] == 1 and st["history"][0]["bestReward"] == 0.7
+    assert [p["metadata"]["name"] for p in c.core.created] == ["s-e1-s0", "s-e1-s1"]
+    assert sorted(c.core.deleted) == ["s-e0-s0", "s-e0-s1"]  # their trainers are done: no need to wait
+    assert set(res.awaiting) == {(1, 0), (1, 1)}

@@ -7,7 +7,15 @@ made in `@kopf.on.startup` from the settings the entrypoint put in the memo (`me
 `@kopf.on.cleanup`:
 
 * the Kubernetes API client, the worker pool, the one Pushgateway reader and the reconciler;
-* per search, the asyncio event that wakes its daemon and what its last pass learnt.
+* per search, when its next pass is due, the event that tells its daemon so, and what its last pass learnt.
+
+A pass is due at once when something may need a decision (a pod ended, the resource was edited, the last
+result of an epoch came in) and a settle later (`Settings.settle`) when something only shows progress (a pod
+started, a result came in while others still train): the pods of an epoch start together and finish together,
+and one pass for each burst costs the API server one status write instead of one per pod. A running epoch ends
+with its rewards, not with its pods: while samples train, one task reads the Pushgateway every
+`Settings.reward_poll` seconds for all searches and wakes those whose trainers pushed a result naming their own
+output prefix (complete in storage), without waiting for the kubelet to report the pods' exits.
 
 Pods reach passes through `@kopf.index`: the watch that kopf keeps anyway feeds an in-memory index keyed by
 (namespace, search), so a pass lists nothing. The pod watch itself carries a label selector (only trainer pods).
@@ -16,9 +24,11 @@ Pods reach passes through `@kopf.index`: the watch that kopf keeps anyway feeds 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import logging
+import math
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +39,7 @@ import kopf
 from kubernetes import client, config
 
 from amlfs import storage
+from amlfs.controller import metrics
 from amlfs.controller.pods import LABEL_EPOCH, LABEL_SEARCH
 from amlfs.controller.reconcile import GROUP, PLURAL, VERSION, PassResult, Reconciler, Settings
 from amlfs.controller.rewards import PushgatewayReader
@@ -41,12 +52,35 @@ PODS = ("v1", "pods")
 class SearchState:
     """What the handlers know of one search between its passes."""
 
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # set when `due` moved (or the daemon stops)
+    due: float = math.inf  # when the next pass is due (monotonic)
+    cause: str = "first"  # what made it due that early (amlfs_operator_passes_total)
     epoch: int = -1  # its current epoch, as of the last pass
-    written: str = ""  # resourceVersion of the status the last pass wrote (its own echo wakes nothing)
+    awaiting: Mapping[tuple[int, int], str] = field(default_factory=dict)  # PassResult.awaiting of the last pass
+    poked: set[tuple[int, int]] = field(default_factory=set)  # pushed results that already woke it
+    written: str = ""  # resourceVersion of the status the last pass wrote
+    # the last versions written here: their echoes wake nothing, even when one arrives after a later write
+    echoes: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=8))
     mine: dict[str, Any] | None = None  # the resource as that write returned it
     based_on: str = ""  # the resourceVersion that write replaced
     inflight: asyncio.Future[PassResult] | None = None
+
+    def poke(self, after: float = 0.0, cause: str = "resource") -> None:
+        """Have the next pass start within `after` seconds."""
+        due = time.monotonic() + after
+        if due < self.due:
+            self.due, self.cause = due, cause
+            self.wake.set()
+
+    async def sleep(self, stopped: kopf.DaemonStopped) -> None:
+        """Until the next pass is due, or the daemon stops."""
+        while not stopped:
+            left = self.due - time.monotonic()
+            if left <= 0:
+                return
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=left)
 
 
 @dataclass
@@ -60,6 +94,7 @@ class Runtime:
     reconciler: Reconciler
     s3: Any = None
     searches: dict[tuple[str, str], SearchState] = field(default_factory=dict)
+    poll: asyncio.Task[None] | None = None  # the reward poll (`poll_rewards`)
 
     @classmethod
     def create(cls, settings: Settings, api: client.ApiClient | None = None) -> Runtime:
@@ -139,14 +174,49 @@ def configure(settings: kopf.OperatorSettings) -> None:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     configure(settings)
     cfg = memo.get("config")
-    memo["amlfs"] = await asyncio.to_thread(Runtime.create, cfg if isinstance(cfg, Settings) else Settings())
+    rt = await asyncio.to_thread(Runtime.create, cfg if isinstance(cfg, Settings) else Settings())
+    memo["amlfs"] = rt
+    if rt.settings.pushgateway and rt.settings.reward_poll > 0:
+        rt.poll = asyncio.create_task(poll_rewards(rt), name="amlfs-reward-poll")
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt = memo.get("amlfs")
     if isinstance(rt, Runtime):
+        if rt.poll is not None:
+            rt.poll.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rt.poll
         await asyncio.to_thread(rt.close)
+
+
+async def poll_rewards(rt: Runtime) -> None:
+    """While any search waits for results, read the Pushgateway every `reward_poll` seconds (one read for all
+    searches) and wake each search that has a new result from its own trainers. A read that takes long (many
+    groups) or fails spaces the next ones out, so the poll never takes more than a fifth of the time."""
+    pause = rt.settings.reward_poll
+    while True:
+        await asyncio.sleep(pause)
+        pause = rt.settings.reward_poll
+        waiting = [(key, st) for key, st in rt.searches.items() if st.awaiting]
+        if not waiting:
+            continue
+        t0 = time.monotonic()
+        try:
+            snap = await asyncio.to_thread(rt.rewards.snapshot, t0)
+        except Exception:  # never end the poll: passes still read on pod events
+            log.exception("reward poll failed")
+            continue
+        took = time.monotonic() - t0
+        pause = max(pause, 4 * took) if snap.ok else min(30.0, max(2 * pause, 1.0))
+        for key, st in waiting:
+            pushed = snap.searches.get(key, {})
+            done = {k for k, output in st.awaiting.items() if (got := pushed.get(k)) is not None and got.wrote(output)}
+            if done - st.poked:
+                st.poked |= done
+                # the last result closes the epoch: at once; the others are progress, shown after the settle
+                st.poke(0.0 if len(done) == len(st.awaiting) else rt.settings.settle, "reward")
 
 
 @kopf.index(*PODS, labels={LABEL_SEARCH: kopf.PRESENT})
@@ -230,7 +300,8 @@ async def search_daemon(
     relay = asyncio.create_task(relay_stop())
     try:
         while not stopped:
-            state.wake.clear()
+            metrics.PASSES.labels(state.cause).inc()
+            state.due = math.inf  # events from here on are news to this pass or the next
             seen_at = time.monotonic()
             pods = search_pods(trainer_pods, namespace, name)
             known = known_body(state, body)
@@ -242,14 +313,18 @@ async def search_daemon(
                 res = PassResult(rt.settings.interval)
             first = False
             if res.epoch >= 0:
+                if res.epoch != state.epoch:
+                    state.poked = set()
                 state.epoch = res.epoch
+            state.awaiting = res.awaiting
+            state.poked &= set(res.awaiting)
             if res.conflict:
                 state.mine = None
             if res.written:
                 state.written, state.mine, state.based_on = res.written, res.body, res.read
-            if res.delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(state.wake.wait(), timeout=res.delay)
+                state.echoes.append(res.written)
+            state.poke(res.delay, "conflict" if res.conflict else "timer")
+            await state.sleep(stopped)
     finally:
         relay.cancel()
         if rt.searches.get((namespace, name)) is state and (state.inflight is None or state.inflight.done()):
@@ -259,8 +334,8 @@ async def search_daemon(
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def search_changed(namespace: str | None, name: str, meta: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> None:
     state = runtime(memo).searches.get((namespace or "", name))
-    if state is not None and meta.get("resourceVersion") != state.written:  # not the echo of our own status
-        state.wake.set()
+    if state is not None and meta.get("resourceVersion") not in state.echoes:  # not the echo of a status we wrote
+        state.poke(0.0, "resource")
 
 
 @kopf.on.event(*PODS, labels={LABEL_SEARCH: kopf.PRESENT})
@@ -275,7 +350,8 @@ async def pod_changed(
 ) -> None:
     """Wake the pod's search when what a pass reads of the pod changed: its phase, its deletion, its removal.
     Pods of closed epochs (being deleted) wake nothing. `memo` is this pod's own copy of the operator's memo."""
-    state = runtime(memo).searches.get((namespace or "", labels.get(LABEL_SEARCH, "")))
+    rt = runtime(memo)
+    state = rt.searches.get((namespace or "", labels.get(LABEL_SEARCH, "")))
     if state is None:
         return
     with contextlib.suppress(ValueError):
@@ -284,7 +360,14 @@ async def pod_changed(
     seen = "Deleting" if meta.get("deletionTimestamp") else str(status.get("phase") or "Pending")
     if type == "DELETED" or memo.get("amlfs_seen", "Pending") != seen:
         memo["amlfs_seen"] = seen
-        state.wake.set()
+        # a pod that ended or went may need a decision: at once. One that started is progress, and the pods of an
+        # epoch start together: one pass for all of them, after the settle. So is one being deleted: it counts as
+        # running until it is gone (and the pods of an epoch that closed are deleted before the pass that closed
+        # it has returned: their events would each make a pass)
+        if type != "DELETED" and seen in ("Pending", "Running", "Deleting"):
+            state.poke(rt.settings.settle, "pod-started" if seen != "Deleting" else "pod-deleting")
+        else:
+            state.poke(0.0, "pod-ended")
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

@@ -11,6 +11,11 @@ Settings come from flags or environment variables, so a Deployment sets them as 
   AMLFS_REWARD_TIMEOUT      seconds before falling back to result.json (default 30)
   AMLFS_GROUP_TTL           seconds a closed epoch's Pushgateway groups stay to be scraped (default 120)
   AMLFS_INTERVAL            seconds between passes when nothing happens (default 5)
+  AMLFS_REWARD_POLL         seconds between reads of the Pushgateway while samples train, to end an epoch on its
+                            rewards without waiting for the kubelet to report its pods' exits (default 0.5; 0: off)
+  AMLFS_SETTLE              seconds progress (a pod started, a result came while others still train) waits for
+                            its pass, so that a burst makes one pass and one status write (default 1); what may
+                            need a decision (a pod ended, the epoch's last result, an edit) is seen at once
   AMLFS_WORKERS             passes running at once (default 16)
   AMLFS_METRICS_PORT        /metrics port (default 8080); /healthz on AMLFS_HEALTH_PORT (default 8081)
   AMLFS_LOG_FORMAT          plain or json
@@ -64,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-timeout", type=float, default=float(e("AMLFS_REWARD_TIMEOUT", "30")))
     p.add_argument("--group-ttl", type=float, default=float(e("AMLFS_GROUP_TTL", "120")))
     p.add_argument("--interval", type=float, default=float(e("AMLFS_INTERVAL", "5")))
+    p.add_argument("--reward-poll", type=float, default=float(e("AMLFS_REWARD_POLL", "0.5")))
+    p.add_argument("--settle", type=float, default=float(e("AMLFS_SETTLE", "1")))
     p.add_argument("--workers", type=int, default=int(e("AMLFS_WORKERS", "16")))
     p.add_argument("--metrics-port", type=int, default=int(e("AMLFS_METRICS_PORT", "8080")))
     p.add_argument("--health-port", type=int, default=int(e("AMLFS_HEALTH_PORT", "8081")))
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         run_as_user=args.pod_run_as_user,
         interval=args.interval,
         workers=max(1, args.workers),
+        reward_poll=max(0.0, args.reward_poll),
+        settle=max(0.0, args.settle),
     )
     if args.metrics_port:
         start_http_server(args.metrics_port)

@@ -21,6 +21,12 @@ PASS_WAIT_SECONDS = Histogram(
     "Time a due pass waited for a free worker (AMLFS_WORKERS); high values mean too few workers.",
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+PASSES = Counter(
+    "amlfs_operator_passes",
+    "Reconciliation passes by what made them due: first, timer, conflict, resource, pod-started, pod-deleting, "
+    "pod-ended, reward.",
+    ["cause"],
+)
 EPOCHS = Counter("amlfs_operator_epochs_completed", "Search epochs completed.", ["namespace", "search"])
 PODS_CREATED = Counter("amlfs_operator_pods_created", "Trainer pods created.", ["namespace", "search"])
 PODS_FAILED = Counter(

@@ -32,7 +32,8 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -87,6 +88,8 @@ class Settings:
     group_ttl: float = 120.0  # seconds a closed epoch's Pushgateway groups stay, so that Prometheus scrapes them
     retry_backoff: float = 5.0  # seconds before the first retry of a failed pod; doubles per retry, with jitter
     retry_backoff_max: float = 300.0
+    reward_poll: float = 0.5  # seconds between Pushgateway reads while samples train (0: read on pod events only)
+    settle: float = 1.0  # seconds progress (a pod started, a result while others train) waits for its pass
 
     def pods(self) -> PodSettings:
         return PodSettings(
@@ -126,14 +129,23 @@ class PassResult:
     body: dict[str, Any] | None = None  # the resource as that write returned it
     read: str = ""  # the resourceVersion the pass read, and wrote over
     conflict: bool = False  # the resource had changed since it was read: what the caller holds of it is stale
+    # the samples whose results the search waits for, (epoch, sample) -> the output prefix their trainer pushes
+    awaiting: Mapping[tuple[int, int], str] = field(default_factory=dict)
 
     @classmethod
-    def after(cls, delay: float, epoch: int, read: str, got: dict[str, Any] | None) -> PassResult:
+    def after(
+        cls,
+        delay: float,
+        epoch: int,
+        read: str,
+        got: dict[str, Any] | None,
+        awaiting: Mapping[tuple[int, int], str] | None = None,
+    ) -> PassResult:
         """The result of a pass that read `read` and wrote `got` (None: wrote nothing)."""
         if got is None:
-            return cls(delay, epoch)
+            return cls(delay, epoch, awaiting=awaiting or {})
         rv = _version(got)
-        return cls(delay, epoch, rv, got if rv else None, read)
+        return cls(delay, epoch, rv, got if rv else None, read, awaiting=awaiting or {})
 
 
 class Recent:
@@ -156,6 +168,20 @@ class Recent:
             self._at[key] = now
             if len(self._at) > 1024:
                 self._at = {k: t for k, t in self._at.items() if now - t < self.ttl}
+
+    def claim(self, key: tuple[str, ...]) -> bool:
+        """Record the request unless it was made in the last `ttl` seconds; whether the caller should make it."""
+        now = self.clock()
+        with self._lock:
+            at = self._at.get(key)
+            if at is not None and now - at < self.ttl:
+                return False
+            self._at[key] = now
+            return True
+
+    def discard(self, key: tuple[str, ...]) -> None:
+        with self._lock:
+            self._at.pop(key, None)
 
 
 class Reconciler:
@@ -182,9 +208,35 @@ class Reconciler:
         self._closed_lock = threading.Lock()
         # the independent requests of one pass (copies, pod creations, deletions, events) go out together
         self.fanout = ThreadPoolExecutor(max_workers=max(4, settings.workers), thread_name_prefix="amlfs-io")
+        # What follows a pass and decides nothing (deleting the pods and Pushgateway groups of closed epochs,
+        # posting events) runs here, after the pass has returned its worker: at scale, passes waiting on other
+        # searches' cleanups in `fanout` delayed the pod creations that start epochs. All of it is idempotent,
+        # and a later pass asks again for what failed.
+        self.background = ThreadPoolExecutor(max_workers=max(2, settings.workers // 2), thread_name_prefix="amlfs-bg")
+        self._behind: set[Future[None]] = set()
+        self._behind_lock = threading.Lock()
 
     def close(self) -> None:
         self.fanout.shutdown(wait=False, cancel_futures=True)
+        self.background.shutdown(wait=False, cancel_futures=True)
+
+    def _later(self, fns: Iterable[Callable[[], object]]) -> None:
+        """Start the calls in the background; failures are logged (the next pass asks again)."""
+        for fn in fns:
+            fut = self.background.submit(contextvars.copy_context().run, _logged, fn)
+            with self._behind_lock:
+                self._behind.add(fut)
+            fut.add_done_callback(self._done)
+
+    def _done(self, fut: Future[None]) -> None:
+        with self._behind_lock:
+            self._behind.discard(fut)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait for the background work started so far."""
+        with self._behind_lock:
+            pending = list(self._behind)
+        futures.wait(pending, timeout=timeout)
 
     def _each(self, fns: Iterable[Callable[[], object]]) -> None:
         """Run the calls concurrently and wait for all of them; the first failure is raised."""
@@ -286,7 +338,15 @@ class Reconciler:
             delay = max(self.settings.interval, IDLE_RESYNC)
         else:
             delay = self.settings.interval
-        return PassResult.after(max(0.1, min(delay, p.retry_in)), new.epoch, _version(body), p.written)
+        awaiting: dict[tuple[int, int], str] = {}
+        if new.phase == "Running" and self.settings.pushgateway:
+            layout = core.Layout(root)
+            awaiting = {
+                (new.epoch, x.index): layout.sample_dir(new.epoch, x.index)
+                for x in new.samples
+                if x.state in ("Pending", "Running")
+            }
+        return PassResult.after(max(0.1, min(delay, p.retry_in)), new.epoch, _version(body), p.written, awaiting)
 
     def _degrade(self, body: dict, reason: str, msg: str) -> dict[str, Any] | None:
         """Report a problem of the operator's side (spec, configuration) in the status, keeping the search."""
@@ -339,24 +399,40 @@ class Reconciler:
         st = p.old
         if st is None or not st.samples:
             return [], False
+        layout = core.Layout(root)
         pushed: dict[tuple[int, int], PushedResult] | None = None
+        cached: dict[tuple[int, int], PushedResult] | None = None
+
+        def observation(x: SampleStatus, got: PushedResult) -> core.Observation:
+            outcome: core.Outcome = "no-reward" if got.diverged else "succeeded"
+            return core.Observation(
+                st.epoch, x.index, outcome, x.attempt, reward=got.reward, sha256=got.sha256, val_loss=got.val_loss
+            )
 
         def pushed_result(x: SampleStatus) -> core.Observation | None:
             nonlocal pushed
             if pushed is None:
                 pushed = self.rewards.results(p.namespace, p.name, not_before=p.seen_at)
             got = pushed.get((st.epoch, x.index))
-            if got is None:
-                return None
-            outcome: core.Outcome = "no-reward" if got.diverged else "succeeded"
-            return core.Observation(
-                st.epoch, x.index, outcome, x.attempt, reward=got.reward, sha256=got.sha256, val_loss=got.val_loss
-            )
+            return None if got is None else observation(x, got)
+
+        def written(x: SampleStatus) -> core.Observation | None:
+            """The result its trainer pushed after writing it to this sample's own output prefix: complete in
+            storage, whatever its pod's phase says yet (the kubelet reports the exit later). From the latest
+            snapshot, which the reward poll keeps fresh; nothing is fetched for it."""
+            nonlocal cached
+            if cached is None:
+                cached = self.rewards.cached(p.namespace, p.name)
+            got = cached.get((st.epoch, x.index))
+            return observation(x, got) if got is not None and got.wrote(layout.sample_dir(st.epoch, x.index)) else None
 
         obs: list[core.Observation] = []
         waiting = False
         for x in st.samples:
             if x.state in ("Succeeded", "NoReward", "Failed", "ConfigError"):
+                continue
+            if (done := written(x)) is not None:
+                obs.append(done)
                 continue
             pod = pods.get(pod_name(p.name, st.epoch, x.index, x.attempt, x.restarts, x.pack))
             if pod is None:
@@ -492,7 +568,7 @@ class Reconciler:
             if epoch < new.epoch or new.phase == "Succeeded" or pname in p.doomed:
                 cleanup.append(functools.partial(self._delete_pod, p.namespace, pname))
         cleanup += [functools.partial(self.event, p.body, *e) for e in p.events]
-        self._each(cleanup)
+        self._later(cleanup)
         if p.written or first:
             metrics.observe_status(p.namespace, p.name, new, p.spec)
 
@@ -561,14 +637,17 @@ class Reconciler:
 
     def _delete_pod(self, namespace: str, name: str) -> None:
         key = ("delete", namespace, name)
-        if self.recent.within(key):
+        if not self.recent.claim(key):  # asked for in the last half minute, or being asked for now
             return
         try:
             _drain(self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=30, _preload_content=False))
         except ApiException as exc:
             if exc.status != 404:
+                self.recent.discard(key)
                 raise
-        self.recent.add(key)
+        except Exception:
+            self.recent.discard(key)
+            raise
 
     # --- status and events --------------------------------------------------------------------
 
@@ -658,6 +737,13 @@ class Reconciler:
             _drain(self.core.create_namespaced_event(meta["namespace"], ev, _preload_content=False))
         except ApiException as exc:
             log.warning("could not post event %s: %s", reason, exc.reason)
+
+
+def _logged(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception as exc:
+        log.warning("background request failed (a later pass asks again): %s", exc)
 
 
 def _drain(resp: Any) -> None:

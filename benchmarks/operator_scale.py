@@ -286,6 +286,8 @@ class Bench:
                 "--interval",
                 str(a.interval),
                 *(["--workers", str(a.workers)] if a.workers else []),
+                *(["--reward-poll", str(a.reward_poll)] if a.reward_poll is not None else []),
+                *(["--settle", str(a.settle)] if a.settle is not None else []),
             ],
             env=env,
             stdout=log,
@@ -360,8 +362,13 @@ class Bench:
                     from_succeeded.append(sorted(added)[a.samples - 1] - max(succ))
         search_epochs = max(1, epochs_done)
         passes: dict[str, float] = {}
+        causes: dict[str, float] = {}  # passes by what made them due
         for line in op_metrics.splitlines():
-            for metric in ("amlfs_operator_reconcile_duration_seconds_", "amlfs_operator_pass_wait_seconds_"):
+            metrics = ("amlfs_operator_reconcile_duration_seconds_", "amlfs_operator_pass_wait_seconds_")
+            if line.startswith('amlfs_operator_passes_total{cause="'):
+                cause, _, value = line.removeprefix('amlfs_operator_passes_total{cause="').partition('"} ')
+                causes[cause] = float(value)
+            for metric in metrics:
                 if line.startswith(metric):
                     head, _, value = line.rpartition(" ")
                     passes[head.replace("amlfs_operator_", "")] = float(value)
@@ -390,6 +397,7 @@ class Bench:
             "pass_wait_mean_s": passes.get("pass_wait_seconds_sum", 0.0)
             / max(1.0, passes.get("pass_wait_seconds_count", 0.0)),
             "pass_histograms": passes,
+            "pass_causes": causes,
         }
 
     def pod_watch_uris(self) -> list[str]:
@@ -426,6 +434,8 @@ def main() -> None:
     ap.add_argument("--sleep", type=float, default=1.0, help="seconds each fake trainer sleeps")
     ap.add_argument("--interval", type=float, default=5.0, help="the operator's AMLFS_INTERVAL")
     ap.add_argument("--workers", type=int, default=0, help="the operator's AMLFS_WORKERS (default: its own)")
+    ap.add_argument("--reward-poll", type=float, help="the operator's AMLFS_REWARD_POLL (default: its own)")
+    ap.add_argument("--settle", type=float, help="the operator's AMLFS_SETTLE (default: its own)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for one N to finish")
     ap.add_argument("--nodes", type=int, default=8, help="process kubelets (nodes) running the fake pods")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -448,7 +458,8 @@ def main() -> None:
             print("   requests:", ", ".join(f"{k} {v}" for k, v in r["requests_by_kind"].items()), flush=True)
             print(
                 f"   passes: {r['passes']:.0f}, mean {r['pass_mean_s'] * 1e3:.0f} ms, "
-                f"mean wait for a worker {r['pass_wait_mean_s'] * 1e3:.0f} ms",
+                f"mean wait for a worker {r['pass_wait_mean_s'] * 1e3:.0f} ms; by cause: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["pass_causes"].items(), key=lambda kv: -kv[1])),
                 flush=True,
             )
         print("pod list/watch requests of the operator:", *bench.pod_watch_uris(), sep="\n  ")

@@ -363,8 +363,8 @@ class Bench:
         search_epochs = max(1, epochs_done)
         passes: dict[str, float] = {}
         causes: dict[str, float] = {}  # passes by what made them due
+        metrics = ("amlfs_operator_reconcile_duration_seconds_", "amlfs_operator_pass_wait_seconds_")
         for line in op_metrics.splitlines():
-            metrics = ("amlfs_operator_reconcile_duration_seconds_", "amlfs_operator_pass_wait_seconds_")
             if line.startswith('amlfs_operator_passes_total{cause="'):
                 cause, _, value = line.removeprefix('amlfs_operator_passes_total{cause="').partition('"} ')
                 causes[cause] = float(value)

@@ -313,11 +313,9 @@ async def search_daemon(
                 res = PassResult(rt.settings.interval)
             first = False
             if res.epoch >= 0:
-                if res.epoch != state.epoch:
-                    state.poked = set()
                 state.epoch = res.epoch
             state.awaiting = res.awaiting
-            state.poked &= set(res.awaiting)
+            state.poked &= set(res.awaiting)  # keys carry the epoch: a new epoch's are all new
             if res.conflict:
                 state.mine = None
             if res.written:

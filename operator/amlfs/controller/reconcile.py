@@ -206,7 +206,7 @@ class Reconciler:
         self.closed_at: dict[tuple[str, str, int], float] = {}
         self.born = clock()
         self._closed_lock = threading.Lock()
-        # the independent requests of one pass (copies, pod creations, deletions, events) go out together
+        # the independent requests of one pass (copies, pod creations) go out together
         self.fanout = ThreadPoolExecutor(max_workers=max(4, settings.workers), thread_name_prefix="amlfs-io")
         # What follows a pass and decides nothing (deleting the pods and Pushgateway groups of closed epochs,
         # posting events) runs here, after the pass has returned its worker: at scale, passes waiting on other
@@ -641,12 +641,10 @@ class Reconciler:
             return
         try:
             _drain(self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=30, _preload_content=False))
-        except ApiException as exc:
-            if exc.status != 404:
-                self.recent.discard(key)
-                raise
-        except Exception:
-            self.recent.discard(key)
+        except Exception as exc:
+            if isinstance(exc, ApiException) and exc.status == 404:
+                return
+            self.recent.discard(key)  # not asked for after all: a later pass asks again
             raise
 
     # --- status and events --------------------------------------------------------------------

@@ -101,6 +101,51 @@ class PodTimes:
         self._w.stop()
 
 
+def bucket_quantile(buckets: dict[float, float], q: float) -> float:
+    """A quantile of a Prometheus histogram from its cumulative buckets (le -> count), interpolated within the
+    bucket as histogram_quantile() does."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] == 0:
+        return float("nan")
+    rank, lo, below = q * buckets[bounds[-1]], 0.0, 0.0
+    for le in bounds:
+        if buckets[le] >= rank:
+            if le == float("inf"):
+                return lo
+            return lo + (le - lo) * (rank - below) / max(buckets[le] - below, 1e-12)
+        lo, below = le, buckets[le]
+    return lo
+
+
+def handoff_stages(text: str) -> dict[str, dict[str, float]]:
+    """The operator's amlfs_operator_epoch_handoff_seconds by stage: mean, p50 and p99 (from the buckets)."""
+    name = "amlfs_operator_epoch_handoff_seconds"
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = collections.defaultdict(dict)
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        labels = dict(kv.split("=", 1) for kv in head.partition("{")[2].rstrip("}").split(","))
+        stage = labels.get("stage", "").strip('"')
+        if head.startswith(f"{name}_sum"):
+            sums[stage] = float(value)
+        elif head.startswith(f"{name}_count"):
+            counts[stage] = float(value)
+        elif head.startswith(f"{name}_bucket"):
+            buckets[stage][float(labels["le"].strip('"'))] = float(value)
+    return {
+        stage: {
+            "count": counts[stage],
+            "mean_s": sums.get(stage, 0.0) / max(1.0, counts[stage]),
+            "p50_s": bucket_quantile(buckets[stage], 0.5),
+            "p99_s": bucket_quantile(buckets[stage], 0.99),
+        }
+        for stage in counts
+    }
+
+
 def proc_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -398,6 +443,7 @@ class Bench:
             / max(1.0, passes.get("pass_wait_seconds_count", 0.0)),
             "pass_histograms": passes,
             "pass_causes": causes,
+            "handoff": handoff_stages(op_metrics),
         }
 
     def pod_watch_uris(self) -> list[str]:
@@ -460,6 +506,16 @@ def main() -> None:
                 f"   passes: {r['passes']:.0f}, mean {r['pass_mean_s'] * 1e3:.0f} ms, "
                 f"mean wait for a worker {r['pass_wait_mean_s'] * 1e3:.0f} ms; by cause: "
                 + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["pass_causes"].items(), key=lambda kv: -kv[1])),
+                flush=True,
+            )
+            order = ("total", "detect", "due", "queue", "read", "observe", "storage", "status", "pods")
+            print(
+                "   handoff as the operator saw it (push of the last result -> next epoch's pods), mean/p50/p99 ms: "
+                + ", ".join(
+                    f"{k} {h['mean_s'] * 1e3:.0f}/{h['p50_s'] * 1e3:.0f}/{h['p99_s'] * 1e3:.0f}"
+                    for k in order
+                    if (h := r["handoff"].get(k))
+                ),
                 flush=True,
             )
         print("pod list/watch requests of the operator:", *bench.pod_watch_uris(), sep="\n  ")

@@ -36,7 +36,7 @@ amlfs_sample_reward{epoch="1",instance="",job="amlfs-trainer",namespace="ns",sam
 def test_parse_keeps_the_trainers_results_by_search():
     got = parse(EXPOSITION)
     assert got[("ns", "a")] == {
-        (0, 0): PushedResult(0.75, False, "ab", 2.5, "s3://b/a/0"),  # val loss, output
+        (0, 0): PushedResult(0.75, False, "ab", 2.5, "s3://b/a/0", 1.7e9),  # val loss, output, push time
         (0, 1): PushedResult(0.5, False, ""),
         (0, 3): PushedResult(None, True, ""),  # diverged: no reward gauge
     }

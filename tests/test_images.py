@@ -576,7 +576,7 @@ def test_dashboards_reference_only_exported_metrics() -> None:
             used |= names
     # the dashboards show every signal of a search: its progress (epoch, best reward, the rewards of the samples,
     # mu and the learned loss curves), its failures (failed pods, diverged samples), the live trainers (loss,
-    # throughput, progress) and the operator's own health (reconcile latency, `up`)
+    # throughput, progress) and the operator's own health (reconcile latency, the epoch handoff, `up`)
     for name in (
         "amlfs_operator_epoch",
         "amlfs_operator_best_reward",
@@ -591,6 +591,7 @@ def test_dashboards_reference_only_exported_metrics() -> None:
         "amlfs_trainer_throughput_examples_per_second",
         "amlfs_trainer_progress_ratio",
         "amlfs_operator_reconcile_duration_seconds_bucket",
+        "amlfs_operator_epoch_handoff_seconds_bucket",
         "up",
     ):
         assert name in used, name

@@ -453,3 +453,46 @@ def test_an_epoch_ends_on_its_trainers_pushed_results_before_the_kubelet_reports
     assert [p["metadata"]["name"] for p in c.core.created] == ["s-e1-s0", "s-e1-s1"]
     assert sorted(c.core.deleted) == ["s-e0-s0", "s-e0-s1"]  # their trainers are done: no need to wait
     assert set(res.awaiting) == {(1, 0), (1, 1)}
+
+
+def test_the_pass_that_starts_an_epoch_reports_the_handoff_from_the_last_push_to_the_new_pods(tmp_path):
+    """amlfs_operator_epoch_handoff_seconds: once per epoch started, its stages and, from the Pushgateway's push
+    time of the last result, detect (until the pass was due) and total (until the next epoch's pods exist)."""
+    import time
+
+    from prometheus_client import REGISTRY
+
+    from amlfs.controller.rewards import PushedResult
+
+    def count(stage: str) -> float:
+        return REGISTRY.get_sample_value("amlfs_operator_epoch_handoff_seconds_count", {"stage": stage}) or 0.0
+
+    def total(stage: str) -> float:
+        return REGISTRY.get_sample_value("amlfs_operator_epoch_handoff_seconds_sum", {"stage": stage}) or 0.0
+
+    stages = ("detect", "due", "queue", "read", "observe", "storage", "status", "pods", "total")
+    c = Cluster(tmp_path, spec(tmp_path, epochs=2))
+    c.rec.settings.pushgateway = "http://pushgateway:9091"
+    pushed: dict[tuple[int, int], PushedResult] = {}
+    c.rec.rewards.cached = lambda *a, **k: dict(pushed)  # type: ignore[method-assign]
+    _, st = c.reconcile()
+    before = {s: (count(s), total(s)) for s in stages}
+    root = st["storageRoot"]
+    now, outs = time.time(), [f"{root}/epoch-0000/sample-0{i}" for i in (0, 1)]
+    for i in (0, 1):
+        storage.write_bytes(f"{outs[i]}/checkpoint.pt", b"w")
+        storage.write_json(f"{outs[i]}/result.json", {"status": "ok"})
+        c.pod(f"s-e0-s{i}", "Running")
+    pushed[(0, 0)] = PushedResult(0.5, False, "a" * 64, output=outs[0], pushed_at=now - 3.0)
+    _, st = c.reconcile()  # records the first result only: starts no epoch
+    assert st["epoch"] == 0 and {s: (count(s), total(s)) for s in stages} == before
+    pushed[(0, 1)] = PushedResult(0.6, False, "a" * 64, output=outs[1], pushed_at=now - 2.0)
+    due = time.monotonic() - 0.5  # the pass was due half a second before its worker took it
+    res = c.rec.reconcile("ns", "s", c.pods, seen_at=due + 0.2, known=c.custom.body, due_at=due)
+    c.rec.flush(10)
+    assert res.epoch == 1 and len(c.core.created) == 4
+    assert all(count(s) == before[s][0] + 1 for s in stages)
+    took = {s: total(s) - before[s][1] for s in stages}
+    assert took["total"] >= 2.0 and took["detect"] >= 1.5  # from the later of the two pushes, 2 s ago
+    assert took["due"] == pytest.approx(0.2, abs=0.01) and took["queue"] >= 0.3
+    assert took["total"] >= took["detect"] + sum(took[s] for s in stages[1:-1]) - 0.01

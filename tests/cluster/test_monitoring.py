@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -49,7 +50,9 @@ def test_a_trainers_pushed_result_names_its_output_prefix_to_the_operator(monito
     search = f"s{uuid.uuid4().hex[:6]}"
     output = f"s3://bucket/ns/{search}/uid-1/epoch-0002/sample-01"
     result = {"status": "ok", "reward": 0.8, "sha256": "ab" * 32, "valLoss": 0.4, "output": output}
+    before = time.time()
     push_result(monitoring.pushgateway.url, "ns", search, 2, 1, result)
     got = PushgatewayReader(monitoring.pushgateway.url).results("ns", search)[(2, 1)]
     assert (got.reward, got.sha256, got.val_loss, got.output) == (0.8, "ab" * 32, 0.4, output)
+    assert got.pushed_at is not None and before - 1 <= got.pushed_at <= time.time() + 1  # the handoff's start
     assert got.wrote(output) and not got.wrote(f"s3://bucket/ns/{search}/epoch-0002/sample-01")

@@ -301,11 +301,12 @@ async def search_daemon(
     try:
         while not stopped:
             metrics.PASSES.labels(state.cause).inc()
+            due_at = state.due if math.isfinite(state.due) else None
             state.due = math.inf  # events from here on are news to this pass or the next
             seen_at = time.monotonic()
             pods = search_pods(trainer_pods, namespace, name)
             known = known_body(state, body)
-            state.inflight = rt.submit(rt.reconciler.reconcile, namespace, name, pods, seen_at, first, known)
+            state.inflight = rt.submit(rt.reconciler.reconcile, namespace, name, pods, seen_at, first, known, due_at)
             try:
                 res = await finish(state.inflight)
             except Exception:  # one bad pass must not kill the daemon; the next one re-derives everything

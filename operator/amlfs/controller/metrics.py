@@ -27,6 +27,16 @@ PASSES = Counter(
     "pod-ended, reward.",
     ["cause"],
 )
+HANDOFF_SECONDS = Histogram(
+    "amlfs_operator_epoch_handoff_seconds",
+    "Between epochs, while no sample trains. stage=total: from the last result of an epoch pushed to the next "
+    "epoch's pods created. The parts: detect (until a pass was due: the reward poll or the pod's exit), due (the "
+    "pass starting late), queue (waiting for a worker), read, observe, storage (promotion, history), status "
+    "(its write), pods (their creation).",
+    ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+HANDOFF_STAGES = ("detect", "due", "queue", "read", "observe", "storage", "status", "pods")
 EPOCHS = Counter("amlfs_operator_epochs_completed", "Search epochs completed.", ["namespace", "search"])
 PODS_CREATED = Counter("amlfs_operator_pods_created", "Trainer pods created.", ["namespace", "search"])
 PODS_FAILED = Counter(

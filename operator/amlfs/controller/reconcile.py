@@ -103,6 +103,21 @@ def _version(body: Mapping[str, Any]) -> str:
     return str(body.get("metadata", {}).get("resourceVersion", ""))
 
 
+class Stages:
+    """How long each stage of a pass took (seconds), as `mark` closes them one after another; `due`: when the pass
+    was due (Unix time, to compare with when results were pushed)."""
+
+    def __init__(self, due: float | None = None) -> None:
+        self.at = time.perf_counter()
+        self.due = time.time() if due is None else due
+        self.took: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.took[stage] = self.took.get(stage, 0.0) + now - self.at
+        self.at = now
+
+
 class Conflict(Exception):
     """The resource changed while we reconciled; the pass is redone."""
 
@@ -119,6 +134,8 @@ class Pass:
     written: dict[str, Any] | None = None  # the resource as the status write of this pass returned it
     doomed: list[str] = field(default_factory=list)  # pods given up on (never started): deleted after the status
     retry_in: float = math.inf  # seconds until a retry held back by its backoff is due
+    stages: Stages = field(default_factory=Stages)
+    last_pushed: float | None = None  # when the latest result this pass observed was pushed (Unix time)
 
 
 @dataclass(frozen=True)
@@ -256,18 +273,23 @@ class Reconciler:
         seen_at: float | None = None,
         first: bool = False,
         known: dict[str, Any] | None = None,
+        due_at: float | None = None,
     ) -> PassResult:
         """One pass over the search, given its pods (name -> pod as a dict, none being deleted) as seen at
         `seen_at` (monotonic). `first`: the first pass since the operator took the search on, which also clears
         leftovers of an earlier operator process. `known`: the resource as the caller has it, used instead of a
-        fresh read; only ever the version the last pass wrote."""
+        fresh read; only ever the version the last pass wrote. `due_at` (monotonic): when the pass was due, for
+        the handoff metrics."""
         t0 = time.perf_counter()
+        now = time.monotonic()
+        stages = Stages(time.time() - (now - min(x for x in (due_at, seen_at, now) if x is not None)))
         if seen_at is not None:
-            metrics.PASS_WAIT_SECONDS.observe(max(0.0, time.monotonic() - seen_at))
+            metrics.PASS_WAIT_SECONDS.observe(max(0.0, now - seen_at))
+            stages.took["queue"] = max(0.0, now - seen_at)
+            if due_at is not None:
+                stages.took["due"] = max(0.0, seen_at - due_at)
         try:
-            return self._reconcile(
-                namespace, name, pods, time.monotonic() if seen_at is None else seen_at, first, known
-            )
+            return self._reconcile(namespace, name, pods, now if seen_at is None else seen_at, first, known, stages)
         except Conflict:
             return PassResult(0.0, conflict=True)
         finally:
@@ -281,6 +303,7 @@ class Reconciler:
         seen_at: float,
         first: bool,
         known: dict[str, Any] | None,
+        stages: Stages,
     ) -> PassResult:
         try:
             body = known or self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -298,7 +321,8 @@ class Reconciler:
             return PassResult.after(self.settings.interval, -1, _version(body), self._degrade(body, "InvalidSpec", msg))
         raw = body.get("status") or {}
         old = LossSearchStatus.model_validate(raw) if raw.get("mu") else None
-        p = Pass(namespace, name, body, core.spec_as_begun(spec, old), old, seen_at=seen_at)
+        p = Pass(namespace, name, body, core.spec_as_begun(spec, old), old, seen_at=seen_at, stages=stages)
+        stages.mark("read")
         # the operator's own S3 calls for this search (results, promotions, history) go where its pods write:
         # spec.storage.endpoint when set, with the operator's credentials
         with storage.using_endpoint(spec.storage.endpoint):
@@ -317,6 +341,7 @@ class Reconciler:
         obs, pending_reward = self.observe(p, pods, root)
         new, actions = core.step(spec, old, obs, root)
         new.storage_root = root
+        p.stages.mark("observe")
         try:
             self._each(functools.partial(effects.apply_storage, a) for a in _storage_parts(actions))
         except (storage.StorageError, OSError) as exc:  # nothing advanced: the next pass redoes all of it
@@ -325,10 +350,12 @@ class Reconciler:
             return PassResult.after(
                 self.settings.interval, -1, _version(body), self._degrade(body, "StorageError", msg)
             )
+        p.stages.mark("storage")
         for a in actions:
             if not isinstance(a, core.StartSample):
                 self._apply(p, a)
         p.written = self._patch_status(body, new.to_json_dict(), self._conditions(spec, new), old)
+        p.stages.mark("status")
         if first and old is not None and self.settings.pushgateway:
             self.rewards.snapshot(self.started)  # leftover groups of an earlier operator process
         self._after_status(p, new, actions, pods, first)
@@ -405,6 +432,8 @@ class Reconciler:
 
         def observation(x: SampleStatus, got: PushedResult) -> core.Observation:
             outcome: core.Outcome = "no-reward" if got.diverged else "succeeded"
+            if got.pushed_at is not None:
+                p.last_pushed = max(p.last_pushed or 0.0, got.pushed_at)
             return core.Observation(
                 st.epoch, x.index, outcome, x.attempt, reward=got.reward, sha256=got.sha256, val_loss=got.val_loss
             )
@@ -554,6 +583,9 @@ class Reconciler:
             else:
                 due.append(pack)
         self._each(functools.partial(self._create_pod, p, pack) for pack in due)
+        if due and old is not None and new.epoch > old.epoch:  # the next epoch's pods exist: the handoff is over
+            p.stages.mark("pods")
+            _observe_handoff(p.stages, p.last_pushed)
         # then, all at once: the Pushgateway groups and pods of closed epochs, the events
         cleanup: list[Callable[[], object]] = []
         if self.settings.pushgateway:
@@ -735,6 +767,15 @@ class Reconciler:
             _drain(self.core.create_namespaced_event(meta["namespace"], ev, _preload_content=False))
         except ApiException as exc:
             log.warning("could not post event %s: %s", reason, exc.reason)
+
+
+def _observe_handoff(stages: Stages, last_pushed: float | None) -> None:
+    """The stages of a pass that started an epoch; detect and total when the pushed results said when they came."""
+    for stage in metrics.HANDOFF_STAGES[1:]:
+        metrics.HANDOFF_SECONDS.labels(stage).observe(stages.took.get(stage, 0.0))
+    if last_pushed is not None:
+        metrics.HANDOFF_SECONDS.labels("detect").observe(max(0.0, stages.due - last_pushed))
+        metrics.HANDOFF_SECONDS.labels("total").observe(max(0.0, time.time() - last_pushed))
 
 
 def _logged(fn: Callable[[], object]) -> None:

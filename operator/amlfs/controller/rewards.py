@@ -3,7 +3,8 @@
 Each trainer pushes `amlfs_sample_reward`, `amlfs_sample_diverged`, `amlfs_sample_checkpoint_info{sha256}`,
 `amlfs_sample_val_loss` (for the core's blow-up check) and `amlfs_sample_output_info{output}` (the prefix it wrote
 its checkpoint and result.json under, which names the search's UID and the sample) to the Pushgateway, grouped by
-(job, namespace, search, epoch, sample). The operator reads them from the Pushgateway itself: a reward is visible
+(job, namespace, search, epoch, sample); the Pushgateway adds `push_time_seconds` to each group. The operator
+reads them from the Pushgateway itself: a reward is visible
 the moment it is pushed, whereas a Prometheus query would add up to one scrape interval (15 s by default) to every
 epoch. Prometheus still scrapes the Pushgateway for dashboards. When a sample's metrics are missing (pushgateway
 down, push failed), the operator falls back to the sample's result.json in storage after a timeout and posts a
@@ -41,7 +42,7 @@ METRICS = (
     "amlfs_sample_val_loss",
     "amlfs_sample_output_info",
 )
-_PREFIXES = tuple(f"{m}{{" for m in METRICS)
+_PREFIXES = tuple(f"{m}{{" for m in (*METRICS, "push_time_seconds"))
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 
@@ -55,6 +56,7 @@ class PushedResult:
     sha256: str
     val_loss: float | None = None
     output: str = ""  # the output prefix the trainer wrote to; "" from trainers that do not say
+    pushed_at: float | None = None  # when it was pushed (Unix time, the Pushgateway's push_time_seconds)
 
     def wrote(self, output: str) -> bool:
         """Whether this result was written to `output` by the trainer itself (so it is complete in storage)."""
@@ -173,6 +175,7 @@ def parse(text: str, memo: dict[str, Line] | None = None) -> dict[tuple[str, str
             sha256=str(got.get("sha256", "")),
             val_loss=val_loss if isinstance(val_loss := got.get("amlfs_sample_val_loss"), float) else None,
             output=str(got.get("output", "")),
+            pushed_at=pushed if isinstance(pushed := got.get("push_time_seconds"), float) and pushed > 0 else None,
         )
     return out
 

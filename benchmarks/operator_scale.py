@@ -146,9 +146,57 @@ def handoff_stages(text: str) -> dict[str, dict[str, float]]:
     }
 
 
+def iso_seconds(ts: str) -> float:
+    """An audit log timestamp (RFC 3339 with microseconds) as Unix time."""
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
 def proc_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_kind(pid: int) -> str:
+    """What a process of the harness is, for the CPU breakdown."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return ""
+    cmd = " ".join(a.decode(errors="replace") for a in argv)
+    for needle, kind in (
+        ("amlfs.controller.main", "operator"),
+        ("--run-kubelet", "kubelets (and their pods)"),
+        ("fake_trainer", "fake trainers' helper"),
+        ("kube-apiserver", "kube-apiserver"),
+        ("kube-controller-manager", "controller manager"),
+        ("kube-scheduler", "scheduler"),
+        ("pushgateway", "pushgateway"),
+        ("etcd", "etcd"),
+        ("weed", "S3 (SeaweedFS)"),
+        ("operator_scale.py", "this benchmark"),
+    ):
+        if needle in cmd:
+            return kind
+    return "other"
+
+
+def cpu_by_kind() -> tuple[dict[str, float], float]:
+    """CPU seconds so far of every process by kind (with their reaped children: a kubelet's pods), and of the
+    whole machine (busy time of all cores)."""
+    out: dict[str, float] = collections.defaultdict(float)
+    tick = os.sysconf("SC_CLK_TCK")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[process_kind(int(d.name))] += sum(int(f) for f in fields[11:15]) / tick
+    cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return dict(out), (sum(cpu) - cpu[3] - cpu[4]) / tick  # all but idle and iowait
 
 
 def proc_peak_rss_mb(pid: int) -> float:
@@ -353,6 +401,7 @@ class Bench:
             time.sleep(2)  # the initial lists and watches
             audit_start = self.audit_log.stat().st_size
             cpu0, t0 = proc_cpu_seconds(op.pid), time.time()
+            kinds0, busy0 = cpu_by_kind()
             names = [f"s{i:03d}" for i in range(n)]
             docs = "---\n".join(yaml.safe_dump(self.search_doc(namespace, name)) for name in names)
             self.kubectl("apply", "-f", "-", input=docs)
@@ -368,6 +417,7 @@ class Bench:
                 time.sleep(1)
             wall = time.time() - t0
             cpu = proc_cpu_seconds(op.pid) - cpu0
+            kinds1, busy1 = cpu_by_kind()
             rss = proc_peak_rss_mb(op.pid)
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
                 op_metrics = resp.read().decode()
@@ -383,6 +433,7 @@ class Bench:
             log.close()
             times.stop()
         requests: collections.Counter[str] = collections.Counter()
+        latency: dict[str, list[float]] = collections.defaultdict(list)  # the API server's own, by request kind
         for line in lines:
             try:
                 ev = json.loads(line)
@@ -393,6 +444,10 @@ class Bench:
             ref = ev.get("objectRef", {})
             what = ref.get("resource", "?") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
             requests[f"{ev.get('verb')} {what}"] += 1
+            if ev.get("verb") != "watch" and ev.get("requestReceivedTimestamp") and ev.get("stageTimestamp"):
+                latency[f"{ev.get('verb')} {what}"].append(
+                    iso_seconds(ev["stageTimestamp"]) - iso_seconds(ev["requestReceivedTimestamp"])
+                )
         overhead, from_succeeded = [], []
         pushes = read_record(self.pushes)
         for name in names:
@@ -408,7 +463,11 @@ class Bench:
         search_epochs = max(1, epochs_done)
         passes: dict[str, float] = {}
         causes: dict[str, float] = {}  # passes by what made them due
-        metrics = ("amlfs_operator_reconcile_duration_seconds_", "amlfs_operator_pass_wait_seconds_")
+        metrics = (
+            "amlfs_operator_reconcile_duration_seconds_",
+            "amlfs_operator_pass_wait_seconds_",
+            "amlfs_operator_pushgateway_read_seconds_",
+        )
         for line in op_metrics.splitlines():
             if line.startswith('amlfs_operator_passes_total{cause="'):
                 cause, _, value = line.removeprefix('amlfs_operator_passes_total{cause="').partition('"} ')
@@ -436,14 +495,27 @@ class Bench:
             "requests": sum(requests.values()),
             "requests_per_search_epoch": sum(requests.values()) / search_epochs,
             "requests_by_kind": dict(requests.most_common()),
+            "server_latency_ms": {
+                k: {"p50": percentile(v, 50) * 1e3, "p99": percentile(v, 99) * 1e3} for k, v in latency.items()
+            },
             "passes": passes.get("reconcile_duration_seconds_count", 0.0),
             "pass_mean_s": passes.get("reconcile_duration_seconds_sum", 0.0)
             / max(1.0, passes.get("reconcile_duration_seconds_count", 0.0)),
             "pass_wait_mean_s": passes.get("pass_wait_seconds_sum", 0.0)
             / max(1.0, passes.get("pass_wait_seconds_count", 0.0)),
+            "pushgateway_reads": passes.get("pushgateway_read_seconds_count", 0.0),
+            "pushgateway_read_mean_s": passes.get("pushgateway_read_seconds_sum", 0.0)
+            / max(1.0, passes.get("pushgateway_read_seconds_count", 0.0)),
             "pass_histograms": passes,
             "pass_causes": causes,
             "handoff": handoff_stages(op_metrics),
+            "machine_busy": (busy1 - busy0) / (wall * (os.cpu_count() or 1)),
+            "cpu_share": dict(
+                sorted(
+                    ((k, (v - kinds0.get(k, 0.0)) / max(busy1 - busy0, 1e-9)) for k, v in kinds1.items() if k),
+                    key=lambda kv: -kv[1],
+                )
+            ),
         }
 
     def pod_watch_uris(self) -> list[str]:
@@ -503,8 +575,15 @@ def main() -> None:
             )
             print("   requests:", ", ".join(f"{k} {v}" for k, v in r["requests_by_kind"].items()), flush=True)
             print(
+                "   API server latency p50/p99 ms:",
+                ", ".join(f"{k} {v['p50']:.0f}/{v['p99']:.0f}" for k, v in r["server_latency_ms"].items()),
+                flush=True,
+            )
+            print(
                 f"   passes: {r['passes']:.0f}, mean {r['pass_mean_s'] * 1e3:.0f} ms, "
-                f"mean wait for a worker {r['pass_wait_mean_s'] * 1e3:.0f} ms; by cause: "
+                f"mean wait for a worker {r['pass_wait_mean_s'] * 1e3:.0f} ms; "
+                f"{r['pushgateway_reads']:.0f} Pushgateway reads, mean {r['pushgateway_read_mean_s'] * 1e3:.0f} ms; "
+                "by cause: "
                 + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["pass_causes"].items(), key=lambda kv: -kv[1])),
                 flush=True,
             )
@@ -516,6 +595,11 @@ def main() -> None:
                     for k in order
                     if (h := r["handoff"].get(k))
                 ),
+                flush=True,
+            )
+            print(
+                f"   machine {r['machine_busy'] * 100:.0f} % busy; its busy CPU by process: "
+                + ", ".join(f"{k} {v * 100:.0f} %" for k, v in r["cpu_share"].items() if v >= 0.005),
                 flush=True,
             )
         print("pod list/watch requests of the operator:", *bench.pod_watch_uris(), sep="\n  ")

@@ -24,8 +24,13 @@ PASS_WAIT_SECONDS = Histogram(
 PASSES = Counter(
     "amlfs_operator_passes",
     "Reconciliation passes by what made them due: first, timer, conflict, resource, pod-started, pod-deleting, "
-    "pod-ended, reward.",
+    "pod-succeeded (one of several), pod-ended, reward.",
     ["cause"],
+)
+PUSHGATEWAY_READ_SECONDS = Histogram(
+    "amlfs_operator_pushgateway_read_seconds",
+    "Duration of one read of every pushed result (one for all searches); it grows with the Pushgateway's groups.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 HANDOFF_SECONDS = Histogram(
     "amlfs_operator_epoch_handoff_seconds",

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from prometheus_client import delete_from_gateway
 
 from amlfs.contract import PUSH_JOB, grouping_key
+from amlfs.controller.metrics import PUSHGATEWAY_READ_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class PushgatewayReader:
         snap = Snapshot(started, False)
         try:
             snap = Snapshot(started, True, self._fetch())
+            PUSHGATEWAY_READ_SECONDS.observe(self.clock() - started)
         except (OSError, ValueError) as exc:
             log.warning("pushgateway %s unreachable: %s", self.url, exc)
         finally:

@@ -203,6 +203,37 @@ def test_pods_starting_together_make_one_pass_after_the_settle_and_an_ending_pod
     asyncio.run(scenario())
 
 
+def test_a_pod_that_succeeds_while_others_train_waits_the_settle_and_the_last_one_wakes_at_once():
+    """A success of one of several samples is progress (one pass for the burst, after the settle); the last of
+    the epoch's pods to succeed, a failure, and a pack's pod (several samples) are decisions: at once."""
+
+    async def scenario() -> None:
+        rt = handlers.Runtime(Settings(settle=5.0), None, None, None, None)  # type: ignore[arg-type]
+        state = rt.state("ns", "s")
+        state.awaiting = {(0, i): f"s3://b/ns/s/uid/epoch-0000/sample-0{i}" for i in range(3)}
+
+        async def pod(sample: str, phase: str, key: str = "amlfs.io/sample") -> None:
+            labels = {"amlfs.io/search": "s", "amlfs.io/epoch": "0", key: sample}
+            memo = kopf.Memo(amlfs=rt)
+            await handlers.pod_changed(
+                type="MODIFIED", namespace="ns", labels=labels, meta={}, status={"phase": phase}, memo=memo
+            )
+
+        t0 = time.monotonic()
+        await pod("0", "Succeeded")
+        assert t0 + 5.0 <= state.due <= t0 + 5.1 and state.cause == "pod-succeeded"
+        await pod("1", "Succeeded")
+        assert t0 + 5.0 <= state.due <= t0 + 5.1  # still one pass for both
+        await pod("2", "Succeeded")
+        assert state.due <= time.monotonic() and state.cause == "pod-ended"  # the epoch's last: at once
+        for sample, phase, key in (("1", "Failed", "amlfs.io/sample"), ("0", "Succeeded", "amlfs.io/pack")):
+            state.due, state.poked = float("inf"), set()
+            await pod(sample, phase, key)
+            assert state.due <= time.monotonic(), (phase, key)
+
+    asyncio.run(scenario())
+
+
 def test_the_reward_poll_wakes_a_search_for_the_results_its_own_trainers_pushed():
     """At once for the result that completes the epoch, after the settle for one while others still train, once
     for each; never for a push naming another output prefix (a deleted namesake's)."""

@@ -400,7 +400,7 @@ def test_a_pass_behind_a_lagging_watch_starts_from_its_own_write_without_a_read(
     res = c.rec.reconcile("ns", "s", c.pods, first=True, known=before)
     assert res.written == c.custom.body["metadata"]["resourceVersion"] != before["metadata"]["resourceVersion"]
     assert res.read == before["metadata"]["resourceVersion"] and res.body == c.custom.body
-    state.written, state.mine, state.based_on = res.written, res.body, res.read
+    state.record(res)
     lagging = known_body(state, before)  # the watch has not brought the write yet
     assert lagging == c.custom.body and lagging is not res.body  # a copy: the pass may change it
     assert known_body(state, c.custom.body) == c.custom.body  # the watch caught up
@@ -410,6 +410,10 @@ def test_a_pass_behind_a_lagging_watch_starts_from_its_own_write_without_a_read(
     res2 = c.rec.reconcile("ns", "s", c.pods, known=lagging)
     assert res2.written == c.custom.body["metadata"]["resourceVersion"] and res2.read == res.written
     assert c.custom.body["status"] != res.body["status"]  # the finished samples are in the status
+    state.record(res2)
+    # the watch two writes behind (still at the version the first write replaced), or one behind: the last write
+    assert known_body(state, before) == c.custom.body == known_body(state, res.body)
+    assert known_body(state, c.custom.body) == c.custom.body
     # someone else wrote meanwhile: the write is refused, and whatever is held is stale
 
     def refuse(*_: Any) -> None:
@@ -418,6 +422,8 @@ def test_a_pass_behind_a_lagging_watch_starts_from_its_own_write_without_a_read(
     c.custom.patch_namespaced_custom_object_status = refuse  # type: ignore[method-assign]
     stale = c.rec.reconcile("ns", "s", c.pods, known=res2.body | {"status": res.body["status"]})
     assert stale.conflict and not stale.written and stale.body is None
+    state.record(stale)
+    assert known_body(state, c.custom.body) is None and known_body(state, before) is None  # read afresh
 
 
 def test_an_epoch_ends_on_its_trainers_pushed_results_before_the_kubelet_reports_the_pods(tmp_path):

@@ -9,13 +9,14 @@ made in `@kopf.on.startup` from the settings the entrypoint put in the memo (`me
 * the Kubernetes API client, the worker pool, the one Pushgateway reader and the reconciler;
 * per search, when its next pass is due, the event that tells its daemon so, and what its last pass learnt.
 
-A pass is due at once when something may need a decision (a pod ended, the resource was edited, the last
-result of an epoch came in) and a settle later (`Settings.settle`) when something only shows progress (a pod
-started, a result came in while others still train): the pods of an epoch start together and finish together,
-and one pass for each burst costs the API server one status write instead of one per pod. A running epoch ends
-with its rewards, not with its pods: while samples train, one task reads the Pushgateway every
-`Settings.reward_poll` seconds for all searches and wakes those whose trainers pushed a result naming their own
-output prefix (complete in storage), without waiting for the kubelet to report the pods' exits.
+A pass is due at once when something may need a decision (a pod failed or went, the resource was edited, the last
+result of an epoch came in, by push or by its pod's end) and a settle later (`Settings.settle`) when something
+only shows progress (a pod started, a result came in or a pod succeeded while others still train): the pods of an
+epoch start together and finish together, and one pass for each burst costs the API server one status write
+instead of one per pod. A running epoch ends with its rewards, not with its pods: while samples train, one task
+reads the Pushgateway every `Settings.reward_poll` seconds for all searches and wakes those whose trainers pushed
+a result naming their own output prefix (complete in storage), without waiting for the kubelet to report the pods'
+exits.
 
 Pods reach passes through `@kopf.index`: the watch that kopf keeps anyway feeds an in-memory index keyed by
 (namespace, search), so a pass lists nothing. The pod watch itself carries a label selector (only trainer pods).
@@ -40,7 +41,7 @@ from kubernetes import client, config
 
 from amlfs import storage
 from amlfs.controller import metrics
-from amlfs.controller.pods import LABEL_EPOCH, LABEL_SEARCH
+from amlfs.controller.pods import LABEL_EPOCH, LABEL_SAMPLE, LABEL_SEARCH
 from amlfs.controller.reconcile import GROUP, PLURAL, VERSION, PassResult, Reconciler, Settings
 from amlfs.controller.rewards import PushgatewayReader
 
@@ -57,12 +58,14 @@ class SearchState:
     cause: str = "first"  # what made it due that early (amlfs_operator_passes_total)
     epoch: int = -1  # its current epoch, as of the last pass
     awaiting: Mapping[tuple[int, int], str] = field(default_factory=dict)  # PassResult.awaiting of the last pass
-    poked: set[tuple[int, int]] = field(default_factory=set)  # pushed results that already woke it
+    poked: set[tuple[int, int]] = field(default_factory=set)  # results (pushed, or a pod that ended) that woke it
     written: str = ""  # resourceVersion of the status the last pass wrote
     # the last versions written here: their echoes wake nothing, even when one arrives after a later write
     echoes: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=8))
     mine: dict[str, Any] | None = None  # the resource as that write returned it
-    based_on: str = ""  # the resourceVersion that write replaced
+    # the versions from the one this operator's writes started from to the last one written, each written over
+    # the one before it (the write names the version it replaces): none of them is anyone else's change
+    chain: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=8))
     inflight: asyncio.Future[PassResult] | None = None
 
     def poke(self, after: float = 0.0, cause: str = "resource") -> None:
@@ -71,6 +74,27 @@ class SearchState:
         if due < self.due:
             self.due, self.cause = due, cause
             self.wake.set()
+
+    def record(self, res: PassResult) -> None:
+        """What a pass wrote, or that it met a change of someone else's, for the passes after it."""
+        if res.conflict:
+            self.mine = None
+            self.chain.clear()
+        if res.written:
+            if not self.chain or self.chain[-1] != res.read:  # it started from a version read afresh
+                self.chain.clear()
+                self.chain.append(res.read)
+            self.chain.append(res.written)
+            self.written, self.mine = res.written, res.body
+            self.echoes.append(res.written)
+
+    def finished(self, key: tuple[int, int] | None) -> bool:
+        """Record that the sample's trainer is done; whether that completes the epoch (or may: an unknown sample,
+        one that is not awaited, or none awaited yet)."""
+        if key is None or key not in self.awaiting:
+            return True
+        self.poked.add(key)
+        return not set(self.awaiting) - self.poked
 
     async def sleep(self, stopped: kopf.DaemonStopped) -> None:
         """Until the next pass is due, or the daemon stops."""
@@ -216,7 +240,7 @@ async def poll_rewards(rt: Runtime) -> None:
             if done - st.poked:
                 st.poked |= done
                 # the last result closes the epoch: at once; the others are progress, shown after the settle
-                st.poke(0.0 if len(done) == len(st.awaiting) else rt.settings.settle, "reward")
+                st.poke(0.0 if st.poked >= set(st.awaiting) else rt.settings.settle, "reward")
 
 
 @kopf.index(*PODS, labels={LABEL_SEARCH: kopf.PRESENT})
@@ -247,16 +271,17 @@ def _plain(value: Any) -> Any:
 
 def known_body(state: SearchState, body: Mapping[str, Any]) -> dict[str, Any] | None:
     """The resource for the next pass without a fresh read, or None (read it). kopf keeps `body` up to date from
-    the watch: when it is the version our last pass wrote, that is it; when it is still the version that write
-    replaced (the watch has not brought our own write yet, as under load), it is the resource as the write
-    returned it. Any other version is someone else's change: read afresh. A pass that acts on a resource
-    changed meanwhile is refused at its status write (resourceVersion), which drops what is held here."""
-    if not state.written:
+    the watch: when it is the version our last pass wrote, that is it; when it is a version our writes replaced
+    (the watch has not brought them all yet, as under load: it may lag several writes), it is the resource as the
+    last write returned it. Any other version is someone else's change: read afresh, as after a conflict. A
+    pass that acts on a resource changed meanwhile is refused at its status write (resourceVersion), which
+    drops what is held here."""
+    if not state.written or state.mine is None:
         return None
     rv = body.get("metadata", {}).get("resourceVersion")
     if rv == state.written:
         return _plain(body)
-    if state.mine is not None and rv == state.based_on:
+    if rv in state.chain:
         return copy.deepcopy(state.mine)
     return None
 
@@ -317,11 +342,7 @@ async def search_daemon(
                 state.epoch = res.epoch
             state.awaiting = res.awaiting
             state.poked &= set(res.awaiting)  # keys carry the epoch: a new epoch's are all new
-            if res.conflict:
-                state.mine = None
-            if res.written:
-                state.written, state.mine, state.based_on = res.written, res.body, res.read
-                state.echoes.append(res.written)
+            state.record(res)
             state.poke(res.delay, "conflict" if res.conflict else "timer")
             await state.sleep(stopped)
     finally:
@@ -359,14 +380,26 @@ async def pod_changed(
     seen = "Deleting" if meta.get("deletionTimestamp") else str(status.get("phase") or "Pending")
     if type == "DELETED" or memo.get("amlfs_seen", "Pending") != seen:
         memo["amlfs_seen"] = seen
-        # a pod that ended or went may need a decision: at once. One that started is progress, and the pods of an
-        # epoch start together: one pass for all of them, after the settle. So is one being deleted: it counts as
-        # running until it is gone (and the pods of an epoch that closed are deleted before the pass that closed
-        # it has returned: their events would each make a pass)
+        # a pod that failed or went may need a decision: at once; so does the last of an epoch's pods to succeed.
+        # One that started is progress, and the pods of an epoch start together: one pass for all of them, after
+        # the settle; so is one that succeeded while others train. So is one being deleted: it counts as running
+        # until it is gone (and the pods of an epoch that closed are deleted before the pass that closed it has
+        # returned: their events would each make a pass)
         if type != "DELETED" and seen in ("Pending", "Running", "Deleting"):
             state.poke(rt.settings.settle, "pod-started" if seen != "Deleting" else "pod-deleting")
+        elif type != "DELETED" and seen == "Succeeded" and not state.finished(_sample_key(labels)):
+            # one of several samples succeeded, the others still train: progress, like a result pushed early
+            state.poke(rt.settings.settle, "pod-succeeded")
         else:
             state.poke(0.0, "pod-ended")
+
+
+def _sample_key(labels: Mapping[str, str]) -> tuple[int, int] | None:
+    """(epoch, sample) of a one-sample pod; None for a pack's pod (several samples) or unreadable labels."""
+    try:
+        return int(labels[LABEL_EPOCH]), int(labels[LABEL_SAMPLE])
+    except (KeyError, ValueError):
+        return None
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

@@ -28,8 +28,18 @@ def test_node_registered_with_capacity_and_fresh_lease(cluster, process_kubelet)
     assert alloc["cpu"] and alloc["memory"] and alloc["pods"]
     ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}
     assert ready["Ready"] == "True"
-    # The node lifecycle controller took its not-ready taint off (or never set it).
-    assert not [t for t in node["spec"].get("taints", []) if t["key"].startswith("node.kubernetes.io/not-ready")]
+    # The node lifecycle controller takes its not-ready taint off (or never sets it): within seconds of Ready.
+    _wait(
+        lambda: (
+            not [
+                t
+                for t in cluster.kubectl_json("get", "node", process_kubelet.node_name)["spec"].get("taints", [])
+                if t["key"].startswith("node.kubernetes.io/not-ready")
+            ]
+        ),
+        timeout=30,
+        what="the not-ready taint removed",
+    )
     lease = cluster.kubectl_json("get", "lease", "-n", "kube-node-lease", process_kubelet.node_name)
     first = lease["spec"]["renewTime"]
     _wait(

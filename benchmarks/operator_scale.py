@@ -43,6 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from amlfs.controller.metrics import HANDOFF_STAGES  # noqa: E402
 from tests.cluster.controlplane import ControlPlane, write_kubeconfig  # noqa: E402
 from tests.cluster.kubelet import ProcessKubelet  # noqa: E402
 from tests.cluster.services import Pushgateway  # noqa: E402
@@ -158,9 +159,10 @@ def iso_seconds(ts: str) -> float:
     return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-def proc_cpu_seconds(pid: int) -> float:
+def proc_cpu_seconds(pid: int, children: bool = False) -> float:
+    """CPU seconds of a process (utime + stime), with its reaped children's when asked."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11 : 15 if children else 13]) / os.sysconf("SC_CLK_TCK")
 
 
 def process_kind(pid: int) -> str:
@@ -191,17 +193,15 @@ def cpu_by_kind() -> tuple[dict[str, float], float]:
     """CPU seconds so far of every process by kind (with their reaped children: a kubelet's pods), and of the
     whole machine (busy time of all cores)."""
     out: dict[str, float] = collections.defaultdict(float)
-    tick = os.sysconf("SC_CLK_TCK")
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            out[process_kind(int(d.name))] += proc_cpu_seconds(int(d.name), children=True)
+        except OSError:  # gone meanwhile
             continue
-        out[process_kind(int(d.name))] += sum(int(f) for f in fields[11:15]) / tick
     cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return dict(out), (sum(cpu) - cpu[3] - cpu[4]) / tick  # all but idle and iowait
+    return dict(out), (sum(cpu) - cpu[3] - cpu[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
 def proc_peak_rss_mb(pid: int) -> float:
@@ -605,7 +605,7 @@ def main() -> None:
                 + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["pass_causes"].items(), key=lambda kv: -kv[1])),
                 flush=True,
             )
-            order = ("total", "detect", "due", "queue", "read", "observe", "storage", "status", "pods")
+            order = ("total", "detect", *HANDOFF_STAGES)
             print(
                 "   handoff as the operator saw it (push of the last result -> next epoch's pods), mean/p50/p99 ms: "
                 + ", ".join(

@@ -94,7 +94,11 @@ class SearchState:
         if key is None or key not in self.awaiting:
             return True
         self.poked.add(key)
-        return not set(self.awaiting) - self.poked
+        return self.complete()
+
+    def complete(self) -> bool:
+        """Whether every awaited sample's result (pushed, or its pod's success) has woken the search."""
+        return self.poked >= set(self.awaiting)
 
     async def sleep(self, stopped: kopf.DaemonStopped) -> None:
         """Until the next pass is due, or the daemon stops."""
@@ -240,7 +244,7 @@ async def poll_rewards(rt: Runtime) -> None:
             if done - st.poked:
                 st.poked |= done
                 # the last result closes the epoch: at once; the others are progress, shown after the settle
-                st.poke(0.0 if st.poked >= set(st.awaiting) else rt.settings.settle, "reward")
+                st.poke(0.0 if st.complete() else rt.settings.settle, "reward")
 
 
 @kopf.index(*PODS, labels={LABEL_SEARCH: kopf.PRESENT})

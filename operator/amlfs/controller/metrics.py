@@ -41,7 +41,7 @@ HANDOFF_SECONDS = Histogram(
     ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
-HANDOFF_STAGES = ("detect", "due", "queue", "read", "observe", "storage", "status", "pods")
+HANDOFF_STAGES = ("due", "queue", "read", "observe", "storage", "status", "pods")  # those timed by the pass
 EPOCHS = Counter("amlfs_operator_epochs_completed", "Search epochs completed.", ["namespace", "search"])
 PODS_CREATED = Counter("amlfs_operator_pods_created", "Trainer pods created.", ["namespace", "search"])
 PODS_FAILED = Counter(

@@ -282,12 +282,12 @@ class Reconciler:
         the handoff metrics."""
         t0 = time.perf_counter()
         now = time.monotonic()
-        stages = Stages(time.time() - (now - min(x for x in (due_at, seen_at, now) if x is not None)))
+        due = due_at if due_at is not None else seen_at if seen_at is not None else now
+        stages = Stages(time.time() - (now - due))
         if seen_at is not None:
-            metrics.PASS_WAIT_SECONDS.observe(max(0.0, now - seen_at))
-            stages.took["queue"] = max(0.0, now - seen_at)
-            if due_at is not None:
-                stages.took["due"] = max(0.0, seen_at - due_at)
+            stages.took["queue"] = wait = max(0.0, now - seen_at)
+            stages.took["due"] = max(0.0, seen_at - due)
+            metrics.PASS_WAIT_SECONDS.observe(wait)
         try:
             return self._reconcile(namespace, name, pods, now if seen_at is None else seen_at, first, known, stages)
         except Conflict:
@@ -771,7 +771,7 @@ class Reconciler:
 
 def _observe_handoff(stages: Stages, last_pushed: float | None) -> None:
     """The stages of a pass that started an epoch; detect and total when the pushed results said when they came."""
-    for stage in metrics.HANDOFF_STAGES[1:]:
+    for stage in metrics.HANDOFF_STAGES:
         metrics.HANDOFF_SECONDS.labels(stage).observe(stages.took.get(stage, 0.0))
     if last_pushed is not None:
         metrics.HANDOFF_SECONDS.labels("detect").observe(max(0.0, stages.due - last_pushed))

@@ -4,11 +4,10 @@ Each trainer pushes `amlfs_sample_reward`, `amlfs_sample_diverged`, `amlfs_sampl
 `amlfs_sample_val_loss` (for the core's blow-up check) and `amlfs_sample_output_info{output}` (the prefix it wrote
 its checkpoint and result.json under, which names the search's UID and the sample) to the Pushgateway, grouped by
 (job, namespace, search, epoch, sample); the Pushgateway adds `push_time_seconds` to each group. The operator
-reads them from the Pushgateway itself: a reward is visible
-the moment it is pushed, whereas a Prometheus query would add up to one scrape interval (15 s by default) to every
-epoch. Prometheus still scrapes the Pushgateway for dashboards. When a sample's metrics are missing (pushgateway
-down, push failed), the operator falls back to the sample's result.json in storage after a timeout and posts a
-Warning event.
+reads them from the Pushgateway itself: a reward is visible the moment it is pushed, whereas a Prometheus query
+would add up to one scrape interval (15 s by default) to every epoch. Prometheus still scrapes the Pushgateway for
+dashboards. When a sample's metrics are missing (pushgateway down, push failed), the operator falls back to the
+sample's result.json in storage after a timeout and posts a Warning event.
 
 The Pushgateway has no per-group read: every read returns all groups of all searches. So one reader is shared by
 all searches, and a read is shared by every pass that asks while it runs: a pass asks for a snapshot taken after

@@ -8,6 +8,7 @@ import threading
 import time
 
 import kopf
+import pytest
 from kubernetes import client
 
 from amlfs.controller import handlers
@@ -275,3 +276,16 @@ def test_the_reward_poll_wakes_a_search_for_the_results_its_own_trainers_pushed(
         poll.cancel()
 
     asyncio.run(scenario())
+
+
+def test_the_reward_poll_reads_every_period_start_to_start_and_at_most_a_third_of_the_time():
+    """The pause after a read makes the next one start a poll period after this one started (a result waits half a
+    period on average, not half a period plus the read); a slow read spaces the reads out to a third of the time
+    reading; a failed one doubles the pause, from 1 s up to 30 s."""
+    assert handlers.poll_pause(0.5, 0.1, True, 0.5) == pytest.approx(0.4)  # start to start: 0.5 s
+    assert handlers.poll_pause(0.5, 0.0, True, 0.5) == pytest.approx(0.5)
+    assert handlers.poll_pause(0.5, 0.3, True, 0.5) == pytest.approx(0.6)  # 0.3 s of every 0.9 s reading
+    assert handlers.poll_pause(0.5, 2.0, True, 0.5) == pytest.approx(4.0)
+    assert handlers.poll_pause(0.5, 0.1, False, 0.4) == 1.0
+    assert handlers.poll_pause(0.5, 0.1, False, 8.0) == 16.0
+    assert handlers.poll_pause(0.5, 0.1, False, 20.0) == 30.0

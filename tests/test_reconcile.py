@@ -502,3 +502,87 @@ def test_the_pass_that_starts_an_epoch_reports_the_handoff_from_the_last_push_to
     assert took["total"] >= 2.0 and took["detect"] >= 1.5  # from the later of the two pushes, 2 s ago
     assert took["due"] == pytest.approx(0.2, abs=0.01) and took["queue"] >= 0.3
     assert took["total"] >= took["detect"] + sum(took[s] for s in stages[1:-1]) - 0.01
+
+
+def _at_handoff(tmp_path) -> tuple[Cluster, dict[str, Any]]:
+    """A search whose epoch 0 has both results pushed (its trainers wrote them to their own prefixes) while its pods
+    still show Running: the next pass starts epoch 1."""
+    from amlfs.controller.rewards import PushedResult
+
+    c = Cluster(tmp_path, spec(tmp_path, epochs=3))
+    c.rec.settings.pushgateway = "http://pushgateway:9091"
+    _, st = c.reconcile()
+    outs = [f"{st['storageRoot']}/epoch-0000/sample-0{i}" for i in (0, 1)]
+    pushed = {}
+    for i in (0, 1):
+        storage.write_bytes(f"{outs[i]}/checkpoint.pt", b"w")
+        storage.write_json(f"{outs[i]}/result.json", {"status": "ok"})
+        c.pod(f"s-e0-s{i}", "Running")
+        pushed[(0, i)] = PushedResult(0.5 + i / 10, False, "a" * 64, output=outs[i])
+    c.rec.rewards.cached = lambda *a, **k: dict(pushed)  # type: ignore[method-assign]
+    c.core.created = []
+    return c, st
+
+
+def test_the_pass_that_starts_an_epoch_creates_its_pods_while_it_writes_the_status(tmp_path):
+    """The status write and the next epoch's pod creations, the two longest requests between epochs, overlap: the
+    stand-in's status write waits for the pods, which only a pass creating them alongside the write lets come."""
+    import threading
+
+    c, _ = _at_handoff(tmp_path)
+    both = threading.Event()
+    create, write = c.core.create_namespaced_pod, c.custom.patch_namespaced_custom_object_status
+    seen: list[bool] = []
+
+    def creating(namespace: str, pod: dict, **kw: Any) -> Response:
+        got = create(namespace, pod, **kw)
+        if len(c.core.created) == 2:
+            both.set()
+        return got
+
+    def writing(*args: Any) -> dict:
+        seen.append(both.wait(timeout=5))
+        return write(*args)
+
+    c.core.create_namespaced_pod, c.custom.patch_namespaced_custom_object_status = creating, writing  # type: ignore[method-assign]
+    res, st = c.reconcile()
+    assert st["epoch"] == 1 and res.epoch == 1 and seen == [True]
+    assert sorted(p["metadata"]["name"] for p in c.core.created) == ["s-e1-s0", "s-e1-s1"]
+
+
+def test_a_failed_status_write_takes_back_the_pods_it_started_and_they_are_never_adopted(tmp_path):
+    """Created with a status write that was refused (someone changed the resource), the next epoch's pods are
+    deleted at once: the pass redone may decide otherwise (an edit of the spec). While a pod taken back is still
+    there, its name is not adopted ("already exists") nor its pod read as the sample's; once it is gone, the
+    sample's own pod is made."""
+    c, _ = _at_handoff(tmp_path)
+    write = c.custom.patch_namespaced_custom_object_status
+
+    def refuse(*_: Any) -> None:
+        raise ApiException(status=409, reason="Conflict")
+
+    c.custom.patch_namespaced_custom_object_status = refuse  # type: ignore[method-assign]
+    res, st = c.reconcile()
+    assert res.conflict and st["epoch"] == 0
+    made = sorted(p["metadata"]["name"] for p in c.core.created)
+    assert made == ["s-e1-s0", "s-e1-s1"] and sorted(c.core.deleted) == made
+    # the pass redone decides the same; the pods taken back are still terminating, as the index shows
+    c.custom.patch_namespaced_custom_object_status = write  # type: ignore[method-assign]
+    c.core.created, c.core.deleted, c.core.taken = [], [], set(made)
+    for name in made:
+        c.pod(name, "Running", deleting=stamp(T0))
+    res, st = c.reconcile()
+    assert st["epoch"] == 1 and [x["state"] for x in st["samples"]] == ["Pending", "Pending"]  # not those pods
+    assert c.core.created == [] and res.delay <= 1.0  # asked again once the names are free
+    res, st = c.reconcile()  # still there: still not theirs
+    assert [x["state"] for x in st["samples"]] == ["Pending", "Pending"] and c.core.created == []
+    c.core.taken = set()
+    for name in made:
+        del c.pods[name]
+    c.reconcile()
+    assert sorted(p["metadata"]["name"] for p in c.core.created) == made
+    c.core.created = []
+    for name in made:
+        c.pod(name, "Running")
+    _, st = c.reconcile()  # the new pods are the samples' own
+    assert [x["state"] for x in st["samples"]] == ["Running", "Running"] and c.core.created == []

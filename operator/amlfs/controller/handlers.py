@@ -219,10 +219,18 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await asyncio.to_thread(rt.close)
 
 
+def poll_pause(poll: float, took: float, ok: bool, last: float) -> float:
+    """Seconds from the end of a reward read to the start of the next: a read every `poll` seconds, start to start
+    (a result waits half a period on average, plus the read), but reading at most a third of the time (a read of
+    many groups on a busy Pushgateway is slow); after a failed read, twice the last pause (1 to 30 s)."""
+    if not ok:
+        return min(30.0, max(2 * last, 1.0))
+    return max(poll, 3 * took) - took
+
+
 async def poll_rewards(rt: Runtime) -> None:
     """While any search waits for results, read the Pushgateway every `reward_poll` seconds (one read for all
-    searches) and wake each search that has a new result from its own trainers. A read that takes long (many
-    groups) or fails spaces the next ones out, so the poll never takes more than a fifth of the time."""
+    searches) and wake each search that has a new result from its own trainers; see `poll_pause`."""
     pause = rt.settings.reward_poll
     while True:
         await asyncio.sleep(pause)
@@ -236,8 +244,7 @@ async def poll_rewards(rt: Runtime) -> None:
         except Exception:  # never end the poll: passes still read on pod events
             log.exception("reward poll failed")
             continue
-        took = time.monotonic() - t0
-        pause = max(pause, 4 * took) if snap.ok else min(30.0, max(2 * pause, 1.0))
+        pause = poll_pause(rt.settings.reward_poll, time.monotonic() - t0, snap.ok, pause)
         for key, st in waiting:
             pushed = snap.searches.get(key, {})
             done = {k for k, output in st.awaiting.items() if (got := pushed.get(k)) is not None and got.wrote(output)}

@@ -23,6 +23,7 @@ never acts on an epoch that is already closed.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime as dt
 import functools
@@ -62,6 +63,7 @@ GROUP, VERSION, PLURAL, KIND = "amlfs.io", "v1alpha1", "losssearches", "LossSear
 FINISHED = ("Succeeded", "Failed")
 IDLE_RESYNC = 60.0  # seconds between passes of a finished search (spec edits wake it at once)
 RECENT = 30.0  # seconds during which a pod created or deleted is not asked for again
+REVOKED = 600.0  # seconds a pod taken back is known as such (Reconciler.revoked)
 # Waiting reasons of a pod that will not start by itself; ContainerCreating and the like are a normal start.
 STUCK = (
     "ErrImagePull",
@@ -218,6 +220,9 @@ class Reconciler:
         self.clock = clock
         self.started = time.monotonic()
         self.recent = Recent()
+        # pods taken back (created by a pass whose status write then failed), by (namespace, name), until they are
+        # gone and their name is made again; long enough for a running trainer's grace period
+        self.revoked = Recent(ttl=REVOKED)
         # when each epoch closed (or its search ended), by (namespace, search, epoch): its Pushgateway groups are
         # deleted group_ttl after that; epochs closed before this process started count from its start
         self.closed_at: dict[tuple[str, str, int], float] = {}
@@ -354,11 +359,22 @@ class Reconciler:
         for a in actions:
             if not isinstance(a, core.StartSample):
                 self._apply(p, a)
-        p.written = self._patch_status(body, new.to_json_dict(), self._conditions(spec, new), old)
+        due = self._due(p, actions, pods)
+        # The pass that starts the next epoch creates its pods while it writes the status that records them: the
+        # two are the longest requests of the handoff, and the search's GPUs wait for both. A write that fails
+        # (a conflict: someone changed the resource since it was read) takes back the pods it made, so that no pod
+        # trains a decision the status never recorded (the pass redone may decide otherwise: a spec edit).
+        handoff = old is not None and new.epoch > old.epoch and bool(due)
+        creating = self._start(p, due) if handoff else []
+        try:
+            p.written = self._patch_status(body, new.to_json_dict(), self._conditions(spec, new), old)
+        except BaseException:
+            self._revoke(p, creating)
+            raise
         p.stages.mark("status")
         if first and old is not None and self.settings.pushgateway:
             self.rewards.snapshot(self.started)  # leftover groups of an earlier operator process
-        self._after_status(p, new, actions, pods, first)
+        self._after_status(p, new, actions, pods, first, due if not handoff else [], creating)
         if new.phase == "Running" and pending_reward:
             delay = min(self.settings.interval, 1.0)
         elif new.phase in FINISHED:
@@ -463,7 +479,8 @@ class Reconciler:
             if (done := written(x)) is not None:
                 obs.append(done)
                 continue
-            pod = pods.get(pod_name(p.name, st.epoch, x.index, x.attempt, x.restarts, x.pack))
+            name = pod_name(p.name, st.epoch, x.index, x.attempt, x.restarts, x.pack)
+            pod = None if self.revoked.within((p.namespace, name)) else pods.get(name)  # taken back: not its pod
             if pod is None:
                 if x.state == "Running":
                     done = effects.read_result(root, st.epoch, x.index, x.attempt, x.theta)
@@ -561,8 +578,17 @@ class Reconciler:
             p.events.append(("Normal" if a.phase == "Succeeded" else "Warning", f"Search{a.phase}", a.message))
 
     def _after_status(
-        self, p: Pass, new: LossSearchStatus, actions: list[core.Action], pods: Mapping[str, dict], first: bool
+        self,
+        p: Pass,
+        new: LossSearchStatus,
+        actions: list[core.Action],
+        pods: Mapping[str, dict],
+        first: bool,
+        due: list[list[core.StartSample]],
+        creating: list[tuple[str, Future[str]]],
     ) -> None:
+        """Create the pods of `due` (those `creating` were started with the status write: wait for them), then
+        start the cleanup of closed epochs and post the events, in the background."""
         old = p.old
         if new.samples and (old is None or old.epoch != new.epoch or not old.samples):
             p.events.append(("Normal", "EpochStarted", f"epoch {new.epoch}: {len(new.samples)} samples"))
@@ -574,18 +600,14 @@ class Reconciler:
                     p.events.append(("Warning", "SampleRetried", f"epoch {new.epoch} sample {x.index}: {x.message}"))
                 if b is not None and x.state in ("Failed", "ConfigError") and b.state != x.state:
                     p.events.append(("Warning", f"Sample{x.state}", f"epoch {new.epoch} sample {x.index}: {x.message}"))
-        starts = [a for a in actions if isinstance(a, core.StartSample)]
-        due = []
-        for pack in packs(starts):
-            wait = self._backoff(p, pack[0], pods) - self.clock()
-            if wait > 0:
-                p.retry_in = min(p.retry_in, wait)
-            else:
-                due.append(pack)
-        self._each(functools.partial(self._create_pod, p, pack) for pack in due)
-        if due and old is not None and new.epoch > old.epoch:  # the next epoch's pods exist: the handoff is over
-            p.stages.mark("pods")
-            _observe_handoff(p.stages, p.last_pushed)
+        creating = creating + self._start(p, due)
+        if creating:
+            outcomes = self._wait(creating)
+            if "blocked" in outcomes:  # its name still taken by a pod taken back: once it is gone
+                p.retry_in = min(p.retry_in, 1.0)
+            if old is not None and new.epoch > old.epoch:  # the next epoch's pods exist: the handoff is over
+                p.stages.mark("pods")
+                _observe_handoff(p.stages, p.last_pushed)
         # then, all at once: the Pushgateway groups and pods of closed epochs, the events
         cleanup: list[Callable[[], object]] = []
         if self.settings.pushgateway:
@@ -597,7 +619,8 @@ class Reconciler:
             if pod["metadata"].get("deletionTimestamp"):
                 continue
             epoch = int(pod["metadata"].get("labels", {}).get(LABEL_EPOCH, "-1"))
-            if epoch < new.epoch or new.phase == "Succeeded" or pname in p.doomed:
+            taken_back = self.revoked.within((p.namespace, pname))  # its delete failed, or has not been asked for
+            if epoch < new.epoch or new.phase == "Succeeded" or pname in p.doomed or taken_back:
                 cleanup.append(functools.partial(self._delete_pod, p.namespace, pname))
         cleanup += [functools.partial(self.event, p.body, *e) for e in p.events]
         self._later(cleanup)
@@ -651,21 +674,75 @@ class Reconciler:
         delay = min(self.settings.retry_backoff_max, self.settings.retry_backoff * 2 ** (n - 1)) * jitter
         return _finished_at(last) + delay
 
-    def _create_pod(self, p: Pass, pack: list[core.StartSample]) -> None:
+    def _due(self, p: Pass, actions: list[core.Action], pods: Mapping[str, dict]) -> list[list[core.StartSample]]:
+        """The pods to create now: the StartSample actions by pod, less retries still held back by their backoff
+        (`p.retry_in` says when the first of those is due)."""
+        due = []
+        for pack in packs([a for a in actions if isinstance(a, core.StartSample)]):
+            wait = self._backoff(p, pack[0], pods) - self.clock()
+            if wait > 0:
+                p.retry_in = min(p.retry_in, wait)
+            else:
+                due.append(pack)
+        return due
+
+    def _start(self, p: Pass, due: list[list[core.StartSample]]) -> list[tuple[str, Future[str]]]:
+        """Start creating the pods, all at once; (pod name, its `_create_pod` outcome) each."""
+        return [
+            (
+                action_pod_name(p.name, pack[0]),
+                self.fanout.submit(contextvars.copy_context().run, self._create_pod, p, pack),
+            )
+            for pack in due
+        ]
+
+    @staticmethod
+    def _wait(creating: list[tuple[str, Future[str]]]) -> list[str]:
+        """The outcomes of the creations; the first failure is raised once all of them have ended."""
+        futures.wait([f for _, f in creating])
+        for _, f in creating:
+            if (exc := f.exception()) is not None:
+                raise exc
+        return [f.result() for _, f in creating]
+
+    def _revoke(self, p: Pass, creating: list[tuple[str, Future[str]]]) -> None:
+        """Take back the pods this pass created with a status write that failed: delete them, and until they are
+        gone, their names are not adopted by a pass that asks for them ("already exists"), nor their pods read
+        as its samples'."""
+        futures.wait([f for _, f in creating])
+        made = [name for name, f in creating if f.exception() is None and f.result() == "created"]
+        for name in made:
+            self.revoked.add((p.namespace, name))
+            self.recent.discard(("create", p.namespace, name))
+        if made:
+            log.info("%s/%s: status write failed; deleting the pods it started: %s", p.namespace, p.name, made)
+            with contextlib.suppress(Exception):  # what is not deleted now, the next pass deletes (cleanup)
+                self._each(functools.partial(self._delete_pod, p.namespace, name) for name in made)
+
+    def _create_pod(self, p: Pass, pack: list[core.StartSample]) -> str:
+        """Create the pod of a pack (or sample): "created"; "exists" (a previous pass made it, or made it a moment
+        ago and the index has not shown it yet); "blocked" (its name is still held by a pod taken back)."""
         import kopf
 
         pod = trainer_pod(p.spec, p.name, p.namespace, pack, self.settings.pods())
-        key = ("create", p.namespace, pod["metadata"]["name"])
+        name = pod["metadata"]["name"]
+        key = ("create", p.namespace, name)
         if self.recent.within(key):  # made by a pass whose pod the index has not shown yet
-            return
+            return "exists"
         kopf.adopt(pod, owner=cast(kopf.Body, p.body))  # kopf reads only metadata from the owner
         try:
             _drain(self.core.create_namespaced_pod(p.namespace, pod, _preload_content=False))
             metrics.PODS_CREATED.labels(namespace=p.namespace, search=p.name).inc()
+            outcome = "created"
+            self.revoked.discard((p.namespace, name))
         except ApiException as exc:
-            if exc.status != 409:  # already exists: a previous pass made it
+            if exc.status != 409:
                 raise
+            if self.revoked.within((p.namespace, name)):  # not the pod asked for: wait for it to be gone
+                return "blocked"
+            outcome = "exists"  # already exists: a previous pass made it
         self.recent.add(key)
+        return outcome
 
     def _delete_pod(self, namespace: str, name: str) -> None:
         key = ("delete", namespace, name)

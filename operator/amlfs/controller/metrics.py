@@ -37,7 +37,7 @@ HANDOFF_SECONDS = Histogram(
     "Between epochs, while no sample trains. stage=total: from the last result of an epoch pushed to the next "
     "epoch's pods created. The parts: detect (until a pass was due: the reward poll or the pod's exit), due (the "
     "pass starting late), queue (waiting for a worker), read, observe, storage (promotion, history), status "
-    "(its write), pods (their creation).",
+    "(its write, with the pods being created alongside), pods (what their creation took beyond the write).",
     ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )

@@ -10,9 +10,10 @@ operator restart changes nothing:
 3. `core.step` decides the new status and the actions;
 4. apply the storage actions (idempotent server-side copies and writes);
 5. patch the status with the resourceVersion read in 1, unless it is unchanged (a conflict aborts the pass:
-   nothing was started);
-6. create the pods of StartSample actions ("already exists" is success), delete pods of closed epochs and
-   the Pushgateway groups of closed epochs and finished searches, post events, update metrics.
+   nothing was started, or what was is taken back, see 6);
+6. create the pods of StartSample actions ("already exists" is success; the pass that starts an epoch creates
+   them during 5, and deletes them when 5 fails), delete pods of closed epochs and the Pushgateway groups of
+   closed epochs and finished searches, post events, update metrics.
 
 A pod created by an earlier pass may be missing from the index for a moment: its sample is then still Pending
 in the status, so the pass would only ask for it again ("already exists" is success; a pod created or deleted in

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -76,6 +76,7 @@ STUCK = (
     "Unschedulable",
 )
 log = logging.getLogger("amlfs.operator")
+T = TypeVar("T")
 
 
 @dataclass
@@ -261,13 +262,13 @@ class Reconciler:
             pending = list(self._behind)
         futures.wait(pending, timeout=timeout)
 
-    def _each(self, fns: Iterable[Callable[[], object]]) -> None:
-        """Run the calls concurrently and wait for all of them; the first failure is raised."""
-        futures = [self.fanout.submit(contextvars.copy_context().run, fn) for fn in fns]  # the S3 endpoint too
-        errors = [f.exception() for f in futures]
-        for exc in errors:
-            if exc is not None:
-                raise exc
+    def _each(self, fns: Iterable[Callable[[], T]]) -> list[T]:
+        """Run the calls concurrently and wait for all of them: their results; the first failure is raised."""
+        return _results(self._submit(fns))
+
+    def _submit(self, fns: Iterable[Callable[[], T]]) -> list[Future[T]]:
+        """Start the calls concurrently (in this thread's context: the S3 endpoint too)."""
+        return [self.fanout.submit(contextvars.copy_context().run, fn) for fn in fns]
 
     # --- the pass -----------------------------------------------------------------------------
 
@@ -366,7 +367,7 @@ class Reconciler:
         # (a conflict: someone changed the resource since it was read) takes back the pods it made, so that no pod
         # trains a decision the status never recorded (the pass redone may decide otherwise: a spec edit).
         handoff = old is not None and new.epoch > old.epoch and bool(due)
-        creating = self._start(p, due) if handoff else []
+        creating = self._creations(p, due) if handoff else []
         try:
             p.written = self._patch_status(body, new.to_json_dict(), self._conditions(spec, new), old)
         except BaseException:
@@ -375,7 +376,7 @@ class Reconciler:
         p.stages.mark("status")
         if first and old is not None and self.settings.pushgateway:
             self.rewards.snapshot(self.started)  # leftover groups of an earlier operator process
-        self._after_status(p, new, actions, pods, first, due if not handoff else [], creating)
+        self._after_status(p, new, pods, first, creating if handoff else self._creations(p, due))
         if new.phase == "Running" and pending_reward:
             delay = min(self.settings.interval, 1.0)
         elif new.phase in FINISHED:
@@ -582,14 +583,12 @@ class Reconciler:
         self,
         p: Pass,
         new: LossSearchStatus,
-        actions: list[core.Action],
         pods: Mapping[str, dict],
         first: bool,
-        due: list[list[core.StartSample]],
-        creating: list[tuple[str, Future[str]]],
+        creating: list[Future[tuple[str, str]]],
     ) -> None:
-        """Create the pods of `due` (those `creating` were started with the status write: wait for them), then
-        start the cleanup of closed epochs and post the events, in the background."""
+        """Wait for the pod creations started (`_creations`), then start the cleanup of closed epochs and post the
+        events, in the background."""
         old = p.old
         if new.samples and (old is None or old.epoch != new.epoch or not old.samples):
             p.events.append(("Normal", "EpochStarted", f"epoch {new.epoch}: {len(new.samples)} samples"))
@@ -601,9 +600,8 @@ class Reconciler:
                     p.events.append(("Warning", "SampleRetried", f"epoch {new.epoch} sample {x.index}: {x.message}"))
                 if b is not None and x.state in ("Failed", "ConfigError") and b.state != x.state:
                     p.events.append(("Warning", f"Sample{x.state}", f"epoch {new.epoch} sample {x.index}: {x.message}"))
-        creating = creating + self._start(p, due)
         if creating:
-            outcomes = self._wait(creating)
+            outcomes = [outcome for _, outcome in _results(creating)]
             if "blocked" in outcomes:  # its name still taken by a pod taken back: once it is gone
                 p.retry_in = min(p.retry_in, 1.0)
             if old is not None and new.epoch > old.epoch:  # the next epoch's pods exist: the handoff is over
@@ -687,31 +685,16 @@ class Reconciler:
                 due.append(pack)
         return due
 
-    def _start(self, p: Pass, due: list[list[core.StartSample]]) -> list[tuple[str, Future[str]]]:
-        """Start creating the pods, all at once; (pod name, its `_create_pod` outcome) each."""
-        return [
-            (
-                action_pod_name(p.name, pack[0]),
-                self.fanout.submit(contextvars.copy_context().run, self._create_pod, p, pack),
-            )
-            for pack in due
-        ]
+    def _creations(self, p: Pass, due: list[list[core.StartSample]]) -> list[Future[tuple[str, str]]]:
+        """Start creating the pods, all at once (`_create_pod`)."""
+        return self._submit(functools.partial(self._create_pod, p, pack) for pack in due)
 
-    @staticmethod
-    def _wait(creating: list[tuple[str, Future[str]]]) -> list[str]:
-        """The outcomes of the creations; the first failure is raised once all of them have ended."""
-        futures.wait([f for _, f in creating])
-        for _, f in creating:
-            if (exc := f.exception()) is not None:
-                raise exc
-        return [f.result() for _, f in creating]
-
-    def _revoke(self, p: Pass, creating: list[tuple[str, Future[str]]]) -> None:
+    def _revoke(self, p: Pass, creating: list[Future[tuple[str, str]]]) -> None:
         """Take back the pods this pass created with a status write that failed: delete them, and until they are
         gone, their names are not adopted by a pass that asks for them ("already exists"), nor their pods read
         as its samples'."""
-        futures.wait([f for _, f in creating])
-        made = [name for name, f in creating if f.exception() is None and f.result() == "created"]
+        futures.wait(creating)
+        made = [f.result()[0] for f in creating if f.exception() is None and f.result()[1] == "created"]
         for name in made:
             self.revoked.add((p.namespace, name))
             self.recent.discard(("create", p.namespace, name))
@@ -720,16 +703,17 @@ class Reconciler:
             with contextlib.suppress(Exception):  # what is not deleted now, the next pass deletes (cleanup)
                 self._each(functools.partial(self._delete_pod, p.namespace, name) for name in made)
 
-    def _create_pod(self, p: Pass, pack: list[core.StartSample]) -> str:
-        """Create the pod of a pack (or sample): "created"; "exists" (a previous pass made it, or made it a moment
-        ago and the index has not shown it yet); "blocked" (its name is still held by a pod taken back)."""
+    def _create_pod(self, p: Pass, pack: list[core.StartSample]) -> tuple[str, str]:
+        """Create the pod of a pack (or sample): its name and "created"; "exists" (a previous pass made it, or made
+        it a moment ago and the index has not shown it yet); or "blocked" (its name is still held by a pod taken
+        back)."""
         import kopf
 
         pod = trainer_pod(p.spec, p.name, p.namespace, pack, self.settings.pods())
         name = pod["metadata"]["name"]
         key = ("create", p.namespace, name)
         if self.recent.within(key):  # made by a pass whose pod the index has not shown yet
-            return "exists"
+            return name, "exists"
         kopf.adopt(pod, owner=cast(kopf.Body, p.body))  # kopf reads only metadata from the owner
         try:
             _drain(self.core.create_namespaced_pod(p.namespace, pod, _preload_content=False))
@@ -740,10 +724,10 @@ class Reconciler:
             if exc.status != 409:
                 raise
             if self.revoked.within((p.namespace, name)):  # not the pod asked for: wait for it to be gone
-                return "blocked"
+                return name, "blocked"
             outcome = "exists"  # already exists: a previous pass made it
         self.recent.add(key)
-        return outcome
+        return name, outcome
 
     def _delete_pod(self, namespace: str, name: str) -> None:
         key = ("delete", namespace, name)
@@ -854,6 +838,15 @@ def _observe_handoff(stages: Stages, last_pushed: float | None) -> None:
     if last_pushed is not None:
         metrics.HANDOFF_SECONDS.labels("detect").observe(max(0.0, stages.due - last_pushed))
         metrics.HANDOFF_SECONDS.labels("total").observe(max(0.0, time.time() - last_pushed))
+
+
+def _results(fs: list[Future[T]]) -> list[T]:
+    """The results of the calls, once all of them have ended; the first failure is raised."""
+    futures.wait(fs)
+    for f in fs:
+        if (exc := f.exception()) is not None:
+            raise exc
+    return [f.result() for f in fs]
 
 
 def _logged(fn: Callable[[], object]) -> None:

@@ -387,6 +387,7 @@ class Bench:
                 *(["--workers", str(a.workers)] if a.workers else []),
                 *(["--reward-poll", str(a.reward_poll)] if a.reward_poll is not None else []),
                 *(["--settle", str(a.settle)] if a.settle is not None else []),
+                *(["--progress", str(a.progress)] if a.progress is not None else []),
             ],
             env=env,
             stdout=log,
@@ -580,6 +581,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="the operator's AMLFS_WORKERS (default: its own)")
     ap.add_argument("--reward-poll", type=float, help="the operator's AMLFS_REWARD_POLL (default: its own)")
     ap.add_argument("--settle", type=float, help="the operator's AMLFS_SETTLE (default: its own)")
+    ap.add_argument("--progress", type=float, help="the operator's AMLFS_PROGRESS (default: its own)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for one N to finish")
     ap.add_argument("--nodes", type=int, default=8, help="process kubelets (nodes) running the fake pods")
     ap.add_argument("--json", type=Path, help="also write the results here")

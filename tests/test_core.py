@@ -414,3 +414,33 @@ def test_a_changed_sigma_applies_from_the_next_epoch():
     assert after.epoch == 1 and after.sigma == 0.6
     again = reinforce.sample_thetas(after.mu, 0.6, 7, 1, 4, False, False)
     assert [x.theta for x in after.samples] == again
+
+
+def test_only_progress_tells_samples_moving_on_from_decisions():
+    """What the operator may write late (`only_progress`): samples started, or finished while others train; not a
+    failure (a retry), a reward that changed, the epoch's close, nor a status with nothing new."""
+    from amlfs.status import only_progress
+
+    spec = make_spec(samplesPerEpoch=2, maxRetries=2)
+    start, _ = core.step(spec, None, [], ROOT)
+    e = start.epoch
+
+    def after(old: LossSearchStatus, *obs: core.Observation) -> LossSearchStatus:
+        return core.step(spec, old.model_copy(deep=True), list(obs), ROOT)[0]
+
+    running = after(start, core.Observation(e, 0, "running", 0), core.Observation(e, 1, "running", 0))
+    assert only_progress(start, running)
+    assert not only_progress(running, after(running, core.Observation(e, 0, "running", 0)))  # nothing new
+    one = after(running, core.Observation(e, 0, "succeeded", 0, reward=0.5, sha256="a" * 64))
+    assert [x.state for x in one.samples] == ["Succeeded", "Running"] and only_progress(running, one)
+    other = one.model_copy(deep=True)
+    other.samples[0].reward = 0.6
+    assert not only_progress(one, other)  # a recorded result does not change by itself
+    failed = after(one, core.Observation(e, 1, "failed", 0, message="exit code 1"))
+    assert failed.samples[1].attempt == 1 and not only_progress(one, failed)
+    closed = after(one, core.Observation(e, 1, "succeeded", 0, reward=0.7, sha256="b" * 64))
+    assert closed.epoch == e + 1 and not only_progress(one, closed)
+    moved = running.model_copy(deep=True)
+    moved.mu = [m + 1 for m in moved.mu]
+    moved.samples[0].state = "Succeeded"
+    assert not only_progress(running, moved)

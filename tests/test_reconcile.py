@@ -83,7 +83,7 @@ class Cluster:
 
     def __init__(self, tmp_path, spec: dict, uid: str = "uid-2") -> None:
         self.now = T0
-        self.rec = Reconciler(client.ApiClient(), Settings(interval=5.0), Rewards(), clock=lambda: self.now)  # type: ignore[arg-type]
+        self.rec = Reconciler(client.ApiClient(), Settings(interval=5.0, progress=0), Rewards(), clock=lambda: self.now)  # type: ignore[arg-type]
         self.core, self.custom = Core(), Custom(self.body(spec, uid))
         self.rec.core, self.rec.custom = self.core, self.custom  # type: ignore[assignment]
         self.pods: dict[str, dict] = {}
@@ -586,3 +586,66 @@ def test_a_failed_status_write_takes_back_the_pods_it_started_and_they_are_never
         c.pod(name, "Running")
     _, st = c.reconcile()  # the new pods are the samples' own
     assert [x["state"] for x in st["samples"]] == ["Running", "Running"] and c.core.created == []
+
+
+def test_progress_is_written_at_most_every_progress_seconds_and_decisions_at_once(tmp_path):
+    """Samples that only started, or finished while others train, wait `Settings.progress` after the last status
+    write (a pass is due when it is over); an edit, a failure and the epoch's close are written at once, the
+    progress held back with them."""
+    from amlfs.controller.rewards import PushedResult
+
+    c = Cluster(tmp_path, spec(tmp_path, epochs=2, samplesPerEpoch=3, maxRetries=2))
+    c.rec.settings.progress = 5.0
+    c.rec.settings.pushgateway = "http://pushgateway:9091"
+    pushed: dict[tuple[int, int], PushedResult] = {}
+    c.rec.rewards.cached = lambda *a, **k: dict(pushed)  # type: ignore[method-assign]
+    res = c.rec.reconcile("ns", "s", c.pods, first=True, known=c.custom.body)
+    root = c.custom.body["status"]["storageRoot"]
+    writes = c.custom.version
+
+    def states() -> list[str]:
+        return [x["state"] for x in c.custom.body["status"]["samples"]]
+
+    for i in (0, 1, 2):
+        c.pod(f"s-e0-s{i}", "Running")
+    c.now = T0 + 1
+    res, _ = c.reconcile()
+    assert c.custom.version == writes and states() == ["Pending"] * 3  # held: written 1 s ago
+    assert 3.9 < res.delay <= 4.0  # the pass that writes it
+    out = f"{root}/epoch-0000/sample-00"
+    storage.write_bytes(f"{out}/checkpoint.pt", b"w")
+    storage.write_json(f"{out}/result.json", {"status": "ok"})
+    pushed[(0, 0)] = PushedResult(0.5, False, "a" * 64, output=out)
+    c.now = T0 + 2
+    res, _ = c.reconcile()
+    assert c.custom.version == writes and not any(k == (0, 0) for k in res.awaiting)  # seen, not yet written
+    c.now = T0 + 5
+    c.reconcile()
+    assert c.custom.version == writes + 1 and states() == ["Succeeded", "Running", "Running"]
+    # an edit is acknowledged at once, with the progress since
+    c.pod("s-e0-s1", "Succeeded")  # no result pushed yet: still running for the status
+    c.custom.body["metadata"]["generation"] = 2
+    c.pods.pop("s-e0-s2")
+    c.pod("s-e0-s2", "Running")
+    c.now = T0 + 6
+    c.reconcile()
+    assert c.custom.version == writes + 2 and c.custom.body["status"]["observedGeneration"] == 2
+    # a failure (its retry) is a decision: at once, 1 s after the last write
+    c.pod("s-e0-s2", "Failed", **failed(1, T0 + 6))
+    c.now = T0 + 7
+    c.reconcile()
+    assert c.custom.version == writes + 3 and c.custom.body["status"]["samples"][2]["attempt"] == 1
+    # the epoch's close, 1 s later, is written at once too
+    for i in (1, 2):
+        out = f"{root}/epoch-0000/sample-0{i}"
+        storage.write_bytes(f"{out}/checkpoint.pt", b"w")
+        storage.write_json(f"{out}/result.json", {"status": "ok"})
+        pushed[(0, i)] = PushedResult(0.6 + i / 10, False, "b" * 64, output=out)
+    c.now = T0 + 8
+    c.reconcile()
+    assert c.custom.version == writes + 4 and c.custom.body["status"]["epoch"] == 1
+    # with progress 0, each is written at once
+    c.rec.settings.progress = 0
+    c.pod("s-e1-s0", "Running")
+    c.reconcile()
+    assert c.custom.version == writes + 5 and states()[0] == "Running"

@@ -123,3 +123,27 @@ class LossSearchStatus(Model):
 
     def to_json_dict(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
+
+
+# A sample's moves that no decision made: its trainer started, or ended with its result.
+_PROGRESS = {(a, b) for a in ("Pending", "Running") for b in ("Running", "Succeeded", "NoReward") if a != b}
+
+
+def only_progress(old: LossSearchStatus, new: LossSearchStatus) -> bool:
+    """Whether `new` differs from `old` only in samples that moved on by themselves (a trainer started, or ended
+    with its result while others still train): nothing decided (the same epoch, phase, distribution, attempts,
+    messages and conditions), so nothing a resume needs (the results are in storage and on the Pushgateway)."""
+    rest = {"samples", "conditions", "observed_generation"}
+    if len(old.samples) != len(new.samples) or old.model_dump(exclude=rest) != new.model_dump(exclude=rest):
+        return False
+    same = {"index", "theta", "attempt", "restarts", "pack", "message"}
+    moved = False
+    for a, b in zip(old.samples, new.samples, strict=True):
+        if a.state == b.state:
+            if a != b:
+                return False
+        elif (a.state, b.state) not in _PROGRESS or a.model_dump(include=same) != b.model_dump(include=same):
+            return False
+        else:
+            moved = True
+    return moved

@@ -16,6 +16,8 @@ Settings come from flags or environment variables, so a Deployment sets them as 
   AMLFS_SETTLE              seconds progress (a pod started, a result came while others still train) waits for
                             its pass, so that a burst makes one pass and one status write (default 1); what may
                             need a decision (a pod ended, the epoch's last result, an edit) is seen at once
+  AMLFS_PROGRESS            seconds between status writes that only show progress (samples started, or finished
+                            while others train; default 5; 0: each at once); decisions are written at once
   AMLFS_WORKERS             passes running at once (default 16)
   AMLFS_METRICS_PORT        /metrics port (default 8080); /healthz on AMLFS_HEALTH_PORT (default 8081)
   AMLFS_LOG_FORMAT          plain or json
@@ -71,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=float(e("AMLFS_INTERVAL", "5")))
     p.add_argument("--reward-poll", type=float, default=float(e("AMLFS_REWARD_POLL", "0.5")))
     p.add_argument("--settle", type=float, default=float(e("AMLFS_SETTLE", "1")))
+    p.add_argument("--progress", type=float, default=float(e("AMLFS_PROGRESS", "5")))
     p.add_argument("--workers", type=int, default=int(e("AMLFS_WORKERS", "16")))
     p.add_argument("--metrics-port", type=int, default=int(e("AMLFS_METRICS_PORT", "8080")))
     p.add_argument("--health-port", type=int, default=int(e("AMLFS_HEALTH_PORT", "8081")))
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=max(1, args.workers),
         reward_poll=max(0.0, args.reward_poll),
         settle=max(0.0, args.settle),
+        progress=max(0.0, args.progress),
     )
     if args.metrics_port:
         start_http_server(args.metrics_port)

@@ -58,7 +58,7 @@ from amlfs.controller.pods import (
 )
 from amlfs.controller.rewards import PushedResult, PushgatewayReader
 from amlfs.spec import LossSearchSpec, explain
-from amlfs.status import LossSearchStatus, SampleStatus
+from amlfs.status import LossSearchStatus, SampleStatus, only_progress
 
 GROUP, VERSION, PLURAL, KIND = "amlfs.io", "v1alpha1", "losssearches", "LossSearch"
 FINISHED = ("Succeeded", "Failed")
@@ -94,6 +94,9 @@ class Settings:
     retry_backoff_max: float = 300.0
     reward_poll: float = 0.5  # seconds between Pushgateway reads while samples train (0: read on pod events only)
     settle: float = 1.0  # seconds progress (a pod started, a result while others train) waits for its pass
+    # seconds between status writes that only show progress (samples started, or finished while others train);
+    # decisions (an epoch closed or started, a failure, a retry, an edit) are written at once
+    progress: float = 5.0
 
     def pods(self) -> PodSettings:
         return PodSettings(
@@ -228,6 +231,7 @@ class Reconciler:
         # when each epoch closed (or its search ended), by (namespace, search, epoch): its Pushgateway groups are
         # deleted group_ttl after that; epochs closed before this process started count from its start
         self.closed_at: dict[tuple[str, str, int], float] = {}
+        self.wrote_at: dict[tuple[str, str], float] = {}  # when each search's status was last written (clock)
         self.born = clock()
         self._closed_lock = threading.Lock()
         # the independent requests of one pass (copies, pod creations) go out together
@@ -368,15 +372,19 @@ class Reconciler:
         # trains a decision the status never recorded (the pass redone may decide otherwise: a spec edit).
         handoff = old is not None and new.epoch > old.epoch and bool(due)
         creating = self._creations(p, due) if handoff else []
-        try:
-            p.written = self._patch_status(body, new.to_json_dict(), self._conditions(spec, new), old)
-        except BaseException:
-            self._revoke(p, creating)
-            raise
+        held = 0.0 if handoff or first else self._held(p, new)
+        if held:  # a pass comes to write it then, unless a decision writes it first
+            p.retry_in = min(p.retry_in, held)
+        else:
+            try:
+                p.written = self._patch_status(body, new.to_json_dict(), self._conditions(spec, new), old)
+            except BaseException:
+                self._revoke(p, creating)
+                raise
         p.stages.mark("status")
         if first and old is not None and self.settings.pushgateway:
             self.rewards.snapshot(self.started)  # leftover groups of an earlier operator process
-        self._after_status(p, new, pods, first, creating if handoff else self._creations(p, due))
+        self._after_status(p, new, pods, first or bool(held), creating if handoff else self._creations(p, due))
         if new.phase == "Running" and pending_reward:
             delay = min(self.settings.interval, 1.0)
         elif new.phase in FINISHED:
@@ -393,6 +401,19 @@ class Reconciler:
             }
         return PassResult.after(max(0.1, min(delay, p.retry_in)), new.epoch, _version(body), p.written, awaiting)
 
+    def _held(self, p: Pass, new: LossSearchStatus) -> float:
+        """Seconds a status that only shows progress (`only_progress`) waits to be written: `Settings.progress`
+        after the search's last status write. With short epochs, most of that progress is then written with the
+        decision that closes the epoch, in one write instead of one per burst: each write of this resource is one
+        of the API server's dearest requests (the whole object validated, stored and sent to every watch), and
+        an in-flight progress write delays the pass that starts the next epoch."""
+        if self.settings.progress <= 0 or p.old is None or not only_progress(p.old, new):
+            return 0.0
+        if (p.body.get("status") or {}).get("observedGeneration") != p.body["metadata"].get("generation"):
+            return 0.0  # an edit is acknowledged at once
+        last = self.wrote_at.get((p.namespace, p.name))
+        return 0.0 if last is None else max(0.0, last + self.settings.progress - self.clock())
+
     def _degrade(self, body: dict, reason: str, msg: str) -> dict[str, Any] | None:
         """Report a problem of the operator's side (spec, configuration) in the status, keeping the search."""
         status = dict(body.get("status") or {}) | {"reason": reason, "message": msg}
@@ -408,6 +429,7 @@ class Reconciler:
     def forget(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
         """A deleted search: drop its Pushgateway groups and its metric series; with storage.deleteOnDelete,
         also its objects in storage (its pods go by ownerReference)."""
+        self.wrote_at.pop((namespace, name), None)
         spec: LossSearchSpec | None
         try:
             spec = LossSearchSpec.model_validate(dict(body.get("spec") or {}))
@@ -584,11 +606,12 @@ class Reconciler:
         p: Pass,
         new: LossSearchStatus,
         pods: Mapping[str, dict],
-        first: bool,
+        shown: bool,
         creating: list[Future[tuple[str, str]]],
     ) -> None:
         """Wait for the pod creations started (`_creations`), then start the cleanup of closed epochs and post the
-        events, in the background."""
+        events, in the background. `shown`: export the status to the metrics even when it was not written (the
+        first pass; progress held back)."""
         old = p.old
         if new.samples and (old is None or old.epoch != new.epoch or not old.samples):
             p.events.append(("Normal", "EpochStarted", f"epoch {new.epoch}: {len(new.samples)} samples"))
@@ -623,7 +646,7 @@ class Reconciler:
                 cleanup.append(functools.partial(self._delete_pod, p.namespace, pname))
         cleanup += [functools.partial(self.event, p.body, *e) for e in p.events]
         self._later(cleanup)
-        if p.written or first:
+        if p.written or shown:
             metrics.observe_status(p.namespace, p.name, new, p.spec)
 
     def _closed_groups(self, p: Pass, new: LossSearchStatus) -> list[tuple[int, int]]:
@@ -802,6 +825,7 @@ class Reconciler:
             if exc.status == 409:
                 raise Conflict() from None
             raise
+        self.wrote_at[(meta["namespace"], meta["name"])] = self.clock()
         return got if isinstance(got, dict) else None
 
     def event(self, obj: dict, typ: str, reason: str, message: str) -> None:

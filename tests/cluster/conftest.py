@@ -46,6 +46,17 @@ from .services import Monitoring
 #: extend with AMLFS_IMAGE_COMMANDS='{"image": ["cmd", ...]}'.
 DEFAULT_IMAGE_COMMANDS = {"amlfs-trainer": ["amlfs-trainer"], "amlfs-operator": ["amlfs-operator"]}
 
+#: what the local control plane's audit log keeps: LISTs of pods (which client lists pods how often), nothing else
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived", "ResponseStarted"],  # one event per request, when it is answered
+    "rules": [
+        {"level": "Metadata", "verbs": ["list"], "resources": [{"group": "", "resources": ["pods"]}]},
+        {"level": "None"},
+    ],
+}
+
 
 @dataclass
 class Cluster:
@@ -166,7 +177,7 @@ def cluster(tmp_path_factory) -> Cluster:
         yield Cluster("external", Path(kubeconfig.split(os.pathsep)[0]), kubectl, helm, image)
         return
     base = tmp_path_factory.mktemp("cluster")
-    cp = ControlPlane(workdir=base / "controlplane")
+    cp = ControlPlane(workdir=base / "controlplane", audit_policy=AUDIT_POLICY)
     cp.start()
     kubelet = None
     try:

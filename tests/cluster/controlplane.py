@@ -278,6 +278,9 @@ class ControlPlane:
     #: --controllers for kube-controller-manager ("*" = every default-on one).
     controllers: str = "*"
     extra_apiserver_args: list[str] = field(default_factory=list)
+    #: an audit.k8s.io/v1 Policy: the API server logs the requests it selects to `audit_log` (JSON lines), so a
+    #: test can count one client's requests, which the server's own metrics do not tell apart.
+    audit_policy: dict | None = None
     ready_timeout: float = 90.0
     verbosity: int = 1
 
@@ -290,6 +293,7 @@ class ControlPlane:
     kubelet_kubeconfig: Path = Path()
     ca_file: Path = Path()
     startup_seconds: float = 0.0
+    audit_log: Path | None = None
 
     def __post_init__(self) -> None:
         self._procs: list[_Proc] = []
@@ -484,9 +488,35 @@ class ControlPlane:
                 # one local instance: no need for many watch caches/goroutines
                 "--profiling=false",
                 f"--v={self.verbosity}",
+                *self._audit_args(),
                 *self.extra_apiserver_args,
             ],
         )
+
+    def _audit_args(self) -> list[str]:
+        if self.audit_policy is None:
+            return []
+        assert self.workdir is not None
+        policy = self.workdir / "audit-policy.json"
+        policy.write_text(json.dumps(self.audit_policy))
+        self.audit_log = self.workdir / "audit.log"
+        # blocking: an event is in the file once the request is answered
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+            "--audit-log-mode=blocking",
+        ]
+
+    def audit_events(self) -> list[dict]:
+        """The audit log's events so far (none without an `audit_policy`)."""
+        if self.audit_log is None or not self.audit_log.exists():
+            return []
+        events = []
+        for line in self.audit_log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # the last line may be half-written
+                events.append(json.loads(line))
+        return events
 
     def _get(self, path: str, token: str | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
         ctx = ssl.create_default_context(cafile=str(self.ca_file))

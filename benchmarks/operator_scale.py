@@ -449,6 +449,7 @@ class Bench:
             log.close()
             times.stop()
         requests: collections.Counter[str] = collections.Counter()
+        status_writers: collections.Counter[str] = collections.Counter()  # status writes by client (user agent)
         latency: dict[str, list[float]] = collections.defaultdict(list)  # the API server's own, by request kind
         created: dict[tuple[str, int], list[float]] = collections.defaultdict(list)  # (search, epoch): pods made
         for line in lines:
@@ -461,6 +462,8 @@ class Bench:
             ref = ev.get("objectRef", {})
             what = ref.get("resource", "?") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
             requests[f"{ev.get('verb')} {what}"] += 1
+            if what == "losssearches/status" and ev.get("verb") == "patch":  # the reconciler's, or kopf's own
+                status_writers[(ev.get("userAgent") or "?").split("/")[0]] += 1
             made = POD_NAME.match(ref.get("name", "")) if what == "pods" and ev.get("verb") == "create" else None
             if made and ev.get("responseStatus", {}).get("code") in (200, 201) and ev.get("stageTimestamp"):
                 created[(made["search"], int(made["epoch"]))].append(iso_seconds(ev["stageTimestamp"]))
@@ -522,6 +525,7 @@ class Bench:
             "requests": sum(requests.values()),
             "requests_per_search_epoch": sum(requests.values()) / search_epochs,
             "requests_by_kind": dict(requests.most_common()),
+            "status_writes_by_client": dict(status_writers.most_common()),
             "server_latency_ms": {
                 k: {"p50": percentile(v, 50) * 1e3, "p99": percentile(v, 99) * 1e3} for k, v in latency.items()
             },

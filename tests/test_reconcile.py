@@ -649,3 +649,30 @@ def test_progress_is_written_at_most_every_progress_seconds_and_decisions_at_onc
     c.pod("s-e1-s0", "Running")
     c.reconcile()
     assert c.custom.version == writes + 5 and states()[0] == "Running"
+
+
+def test_each_epoch_is_one_event_that_says_its_close_its_promotion_and_the_next_start(tmp_path):
+    from amlfs.controller.rewards import PushedResult
+
+    c = Cluster(tmp_path, spec(tmp_path, epochs=2))
+    pushed: dict[tuple[int, int], PushedResult] = {}
+    c.rec.rewards.results = lambda *a, **k: dict(pushed)  # type: ignore[method-assign]
+    _, st = c.reconcile()
+    root = st["storageRoot"]
+    for epoch in (0, 1):
+        for i in (0, 1):
+            out = f"{root}/epoch-000{epoch}/sample-0{i}"
+            storage.write_bytes(f"{out}/checkpoint.pt", b"w")
+            storage.write_json(f"{out}/result.json", {"status": "ok"})
+            pushed[(epoch, i)] = PushedResult(0.5 + i / 10 + epoch / 100, False, "a" * 64, output=out)
+            c.pod(f"s-e{epoch}-s{i}", "Succeeded", **failed(0, T0))
+        _, st = c.reconcile()
+    assert st["phase"] == "Succeeded"
+    told = [(e["reason"], e["message"]) for e in c.core.events]
+    assert [r for r, _ in told] == ["EpochStarted", "EpochCompleted", "EpochCompleted", "SearchSucceeded"], told
+    assert told[0][1] == "epoch 0 started: 2 samples"
+    first, last = told[1][1], told[2][1]
+    assert first.startswith("epoch 0: best reward 0.6000 (sample 1), mean 0.5500; epoch 0 sample 1 promoted to ")
+    assert first.endswith(f"{root}/best; epoch 1 started: 2 samples"), first
+    assert last.startswith("epoch 1: best reward 0.6100 (sample 1)") and f"{root}/final" in last
+    assert "started" not in last

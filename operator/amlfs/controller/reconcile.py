@@ -106,6 +106,28 @@ class Settings:
         )
 
 
+def epoch_event(
+    completed: Mapping[str, Any] | None, promoted: list[core.Promote], started: LossSearchStatus | None
+) -> tuple[str, str, str] | None:
+    """One event for what a pass did to the epochs: the epoch it closed (its history record), where its best
+    checkpoint went, and the epoch it started. One per epoch, rather than one for each, because events are
+    requests to the API server like any other, and `kubectl describe` reads better with one line per epoch.
+    Its reason is the biggest of these steps: EpochCompleted, else Promoted, else EpochStarted."""
+    parts = []
+    if completed is not None:
+        r = completed
+        parts.append(
+            f"epoch {r['epoch']}: best reward {r['bestReward']:.4f} (sample {r['best']}), mean {r['meanReward']:.4f}"
+        )
+    parts += [f"epoch {a.epoch} sample {a.sample} promoted to {', '.join(a.targets)}" for a in promoted]
+    if started is not None:
+        parts.append(f"epoch {started.epoch} started: {len(started.samples)} samples")
+    if not parts:
+        return None
+    reason = "EpochCompleted" if completed is not None else "Promoted" if promoted else "EpochStarted"
+    return ("Normal", reason, "; ".join(parts))
+
+
 def _version(body: Mapping[str, Any]) -> str:
     return str(body.get("metadata", {}).get("resourceVersion", ""))
 
@@ -143,6 +165,8 @@ class Pass:
     retry_in: float = math.inf  # seconds until a retry held back by its backoff is due
     stages: Stages = field(default_factory=Stages)
     last_pushed: float | None = None  # when the latest result this pass observed was pushed (Unix time)
+    completed: dict[str, Any] | None = None  # the history record of the epoch this pass closed
+    promoted: list[core.Promote] = field(default_factory=list)  # the promotions this pass made
 
 
 @dataclass(frozen=True)
@@ -586,17 +610,9 @@ class Reconciler:
     def _apply(self, p: Pass, a: core.Action) -> None:
         """What an action means besides its storage effect (already applied): events and metrics."""
         if isinstance(a, core.Promote):
-            p.events.append(("Normal", "Promoted", f"epoch {a.epoch} sample {a.sample} -> {', '.join(a.targets)}"))
+            p.promoted.append(a)
         elif isinstance(a, core.AppendHistory):
-            r = a.record
-            p.events.append(
-                (
-                    "Normal",
-                    "EpochCompleted",
-                    f"epoch {r['epoch']}: best reward {r['bestReward']:.4f} "
-                    f"(sample {r['best']}), mean {r['meanReward']:.4f}",
-                )
-            )
+            p.completed = a.record
             metrics.EPOCHS.labels(namespace=p.namespace, search=p.name).inc()
         elif isinstance(a, core.Finished):
             p.events.append(("Normal" if a.phase == "Succeeded" else "Warning", f"Search{a.phase}", a.message))
@@ -613,8 +629,10 @@ class Reconciler:
         events, in the background. `shown`: export the status to the metrics even when it was not written (the
         first pass; progress held back)."""
         old = p.old
-        if new.samples and (old is None or old.epoch != new.epoch or not old.samples):
-            p.events.append(("Normal", "EpochStarted", f"epoch {new.epoch}: {len(new.samples)} samples"))
+        started = bool(new.samples) and (old is None or old.epoch != new.epoch or not old.samples)
+        told = epoch_event(p.completed, p.promoted, new if started else None)
+        if told is not None:
+            p.events.insert(0, told)
         if old is not None and old.epoch == new.epoch:
             before = {x.index: x for x in old.samples}
             for x in new.samples:

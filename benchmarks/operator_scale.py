@@ -219,19 +219,10 @@ class Bench:
     def __enter__(self) -> Bench:
         base = self.base
         base.mkdir(parents=True, exist_ok=True)
-        self.audit_log = base / "audit.log"
-        policy = base / "audit-policy.yaml"
-        policy.write_text(yaml.safe_dump(AUDIT_POLICY))
         self.s3 = S3Server(base / "s3").start()
-        self.cp = ControlPlane(
-            workdir=base / "cp",
-            extra_apiserver_args=[
-                f"--audit-policy-file={policy}",
-                f"--audit-log-path={self.audit_log}",
-                "--audit-log-format=json",
-                "--audit-log-mode=blocking",
-            ],
-        ).start()
+        self.cp = ControlPlane(workdir=base / "cp", audit_policy=AUDIT_POLICY).start()
+        assert self.cp.audit_log is not None
+        self.audit_log = self.cp.audit_log
         self.children: list[subprocess.Popen[bytes]] = []
         env = dict(os.environ, **self.s3.env())
         for i in range(self.args.nodes):
@@ -552,8 +543,7 @@ class Bench:
     def pod_watch_uris(self) -> list[str]:
         """How the operator asked for pods (evidence of the server-side label selector)."""
         out = []
-        for line in self.audit_log.read_text(errors="replace").splitlines():
-            ev = json.loads(line)
+        for ev in self.cp.audit_events():
             if ev.get("objectRef", {}).get("resource") == "pods" and ev.get("verb") in ("list", "watch"):
                 out.append(f"{ev['verb']} {ev['requestURI']}")
         return sorted(set(out))

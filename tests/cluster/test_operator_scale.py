@@ -105,15 +105,19 @@ def test_many_searches_all_finish_and_a_delete_is_prompt(cluster, monitoring, s3
         op.stop()
 
 
+def audited(cluster) -> bool:
+    """Whether the tests run the control plane and read its audit log (not on a cluster of someone else's)."""
+    return cluster.controlplane is not None and cluster.controlplane.audit_log is not None
+
+
 def pod_lists_in(cluster, namespace: str) -> int | None:
-    """LISTs of the namespace's pods so far, from the local control plane's audit log (None on a cluster the
-    tests do not run, whose audit log they cannot read)."""
-    cp = cluster.controlplane
-    if cp is None or cp.audit_log is None:
+    """LISTs of the namespace's pods so far, from the local control plane's audit log (None where not
+    `audited`)."""
+    if not audited(cluster):
         return None
     return sum(
         1
-        for e in cp.audit_events()
+        for e in cluster.controlplane.audit_events()
         if e.get("verb") == "list"
         and (e.get("objectRef") or {}).get("resource") == "pods"
         and (e.get("objectRef") or {}).get("namespace") == namespace
@@ -130,12 +134,12 @@ def test_pods_come_from_the_index_not_from_a_list_per_pass(cluster, monitoring, 
     def lists(resource: str) -> float:
         return apiserver_requests(cluster, verb="LIST", resource=resource, scope="namespace")
 
-    audited = pod_lists_in(cluster, namespace) is not None
-    if not audited:  # and a namespace still being torn down lists its pods until the last one is gone
+    before = (0.0, 0.0)
+    if not audited(cluster):  # and a namespace still being torn down lists its pods until the last one is gone
         deadline = time.monotonic() + 120
         while terminating_namespaces(cluster) and time.monotonic() < deadline:
             time.sleep(1)
-    before = lists("pods"), lists("configmaps")
+        before = lists("pods"), lists("configmaps")
     op = Operator(cluster, namespace, monitoring, s3_server, tmp_path).start()
     try:
         apply(cluster, namespace, fake_search(s3_server, fakes, "indexed", epochs=3, samplesPerEpoch=2))
